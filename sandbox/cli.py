@@ -1,0 +1,37 @@
+"""The ``sandbox`` command line. Each command lives in its own module; this file wires them together.
+
+A user mistake (bad flag value, unknown name) ends with one line on stderr and exit code 2, never a
+traceback: commands raise ``UsageError`` (or ``ValueError`` from the library), and ``main`` turns it into that.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from sandbox.rules import get_rule, list_rules
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Understand and compare linear-attention update rules: train, ablate, benchmark.")
+
+
+@app.callback()
+def main() -> None:
+    """Understand and compare linear-attention update rules: train, ablate, benchmark."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit (code 2: a usage error)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("rules")
+def rules_command() -> None:
+    """List the update rules with their gates and recurrence, one line each."""
+    names = list_rules()
+    width = max(len(n) for n in names)
+    gate_width = max(len(", ".join(get_rule(n).gates) or "-") for n in names)
+    for name in names:
+        rule = get_rule(name)
+        gates = ", ".join(rule.gates) or "-"
+        typer.echo(f"{name:<{width}}  gates: {gates:<{gate_width}}  {rule.recurrence}")

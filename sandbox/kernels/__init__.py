@@ -1,0 +1,1 @@
+"""Triton chunk kernels (forward and backward) for every rule; see the module docstrings."""
