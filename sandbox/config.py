@@ -1,0 +1,196 @@
+"""The configuration of one training run: ``RunConfig``, its TOML form, and the checks on every value.
+
+The fields mirror the ``sandbox run`` flags (``--batch-size`` is ``batch_size``). A run's values come from
+three layers, later ones winning: the defaults below, a TOML file (``--config FILE``), the flags actually
+given. ``resolve_config`` merges and checks them; ``save_config`` writes the fully resolved config into the
+run folder as ``config.toml``, which ``load_config`` reads back, so any run can be repeated with
+``sandbox run --config runs/<name>/config.toml``.
+
+TOML layout: every field at top level, except ``task_args``, which is a table::
+
+    rule = "momentum_delta"
+    task = "mqar"
+    steps = 400
+    [task_args]
+    num_kv_pairs = 8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ATTENTION = "attention"
+IMPLS = ("auto", "naive", "chunk", "triton")
+
+
+@dataclass
+class RunConfig:
+    # what to train
+    rule: str = "momentum_delta"        # one of `sandbox rules`, or "attention" (softmax baseline)
+    task: str = "mqar"
+    task_args: dict[str, Any] = field(default_factory=dict)   # task parameters, see `sandbox tasks`
+    seq_len: int | None = None          # None: the task's default length
+    # model
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 2
+    chunk_size: int = 64                # tokens per chunk of the chunkwise form / kernels
+    short_conv: bool = True             # causal depthwise conv (kernel 4) + SiLU on q, k, v
+    stability_constraint: bool = True   # MDN constraint coupling alpha, beta and eta (momentum rules)
+    min_log_mu: float = -2.0            # floor of log(mu): momentum never decays faster than exp(-2) a token
+    # optimisation
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    seed: int = 0
+    # evaluation, logging, checkpoints (in steps)
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_every: int = 100
+    # where and how
+    device: str = "auto"                # auto: cuda if available, else cpu
+    impl: str = "auto"                  # auto: triton on CUDA when its kernels work here, else chunk
+    out: str | None = None              # None: runs/<rule>-<task>-<time>
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_TYPES: dict[str, type] = {
+    "rule": str, "task": str, "task_args": dict, "seq_len": int, "d_model": int, "layers": int, "heads": int,
+    "chunk_size": int, "short_conv": bool, "stability_constraint": bool, "min_log_mu": float, "steps": int,
+    "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int,
+    "eval_every": int, "eval_batches": int, "log_every": int, "checkpoint_every": int, "device": str,
+    "impl": str, "out": str,
+}
+OPTIONAL_FIELDS = ("seq_len", "out")
+assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check one value's type (ints are accepted where floats are expected); raise ValueError naming it."""
+    expected = FIELD_TYPES[name]
+    if value is None and name in OPTIONAL_FIELDS:
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ValueError(f"{name}: expected {expected.__name__}, got {value!r}")
+    if expected is dict:
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError(f"task_args: expected parameter names as strings, got {key!r}")
+        return dict(value)
+    return value
+
+
+def _check_values(config: RunConfig) -> None:
+    """Ranges and combinations the model and trainer rely on; each error names the field."""
+    from sandbox.rules import list_rules
+
+    rules = list_rules() + [ATTENTION]
+    if config.rule not in rules:
+        raise ValueError(f"rule: unknown rule '{config.rule}', expected one of: {', '.join(rules)}")
+    if config.impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got '{config.impl}'")
+    positive = ("d_model", "layers", "heads", "steps", "batch_size", "eval_every", "eval_batches",
+                "log_every", "checkpoint_every")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(config, name)}")
+    if config.seq_len is not None and config.seq_len < 2:
+        raise ValueError(f"seq_len: expected at least 2, got {config.seq_len}")
+    if config.d_model % config.heads:
+        raise ValueError(f"d_model: expected a multiple of heads ({config.heads}), got {config.d_model}")
+    if config.chunk_size not in (8, 16, 32, 64, 128):
+        raise ValueError(f"chunk_size: expected one of 8, 16, 32, 64, 128, got {config.chunk_size}")
+    if not config.lr > 0:
+        raise ValueError(f"lr: expected a positive number, got {config.lr}")
+    for name in ("weight_decay", "warmup_steps"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {getattr(config, name)}")
+    if not config.grad_clip > 0:
+        raise ValueError(f"grad_clip: expected a positive number, got {config.grad_clip}")
+    if not config.min_log_mu < 0:
+        raise ValueError(f"min_log_mu: expected a negative number (log of the smallest mu), got {config.min_log_mu}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.device):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got '{config.device}'")
+
+
+def resolve_config(*layers: dict[str, Any]) -> RunConfig:
+    """Defaults, then each dict of overrides in order (file values, then flags); checked.
+
+    ``task_args`` tables merge key by key, so a flag ``--task-arg num_kv_pairs=4`` keeps the file's other
+    task parameters.
+    """
+    values = RunConfig().to_dict()
+    for layer in layers:
+        for name, value in layer.items():
+            if name not in FIELD_TYPES:
+                raise ValueError(f"{name}: unknown config key, expected one of: {', '.join(FIELD_TYPES)}")
+            value = _coerce(name, value)
+            values[name] = {**values["task_args"], **value} if name == "task_args" else value
+    config = RunConfig(**values)
+    _check_values(config)
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run config; returns the keys it sets (type-checked), unknown keys raise ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: no such file '{path}'")
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config: '{path}' is not valid TOML ({e})") from None
+    for name, value in data.items():
+        if name not in FIELD_TYPES:
+            raise ValueError(f"config key '{name}' in {path}: unknown, expected one of: {', '.join(FIELD_TYPES)}")
+        try:
+            data[name] = _coerce(name, value)
+        except ValueError as e:
+            raise ValueError(f"config key {e} (in {path})") from None
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(str(value))
+
+
+def config_to_toml(config: RunConfig) -> str:
+    """The config as TOML that ``load_config`` reads back (fields that are None are left out)."""
+    lines = []
+    for name, value in config.to_dict().items():
+        if name != "task_args" and value is not None:
+            lines.append(f"{name} = {_toml_value(value)}")
+    lines.append("")
+    lines.append("[task_args]")
+    for name, value in config.task_args.items():
+        lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(config_to_toml(config))
