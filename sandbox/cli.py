@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from sandbox.rules import get_rule, list_rules
+from sandbox.tasks.command import tasks_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Understand and compare linear-attention update rules: train, ablate, benchmark.")
@@ -35,3 +36,6 @@ def rules_command() -> None:
         rule = get_rule(name)
         gates = ", ".join(rule.gates) or "-"
         typer.echo(f"{name:<{width}}  gates: {gates:<{gate_width}}  {rule.recurrence}")
+
+
+app.command("tasks")(tasks_command)

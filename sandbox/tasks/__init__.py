@@ -1,0 +1,87 @@
+"""The registry of tasks: ``create_task(name, args, seq_len)``, ``list_tasks()``, ``TASKS``.
+
+Adding a task: write a ``Task`` dataclass (fields = parameters with defaults, ``generate``, a docstring whose
+first line describes it and which documents the metric), then add it to ``TASKS`` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from .base import IGNORE_INDEX, Task
+from .recall import MQAR
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (MQAR,)}
+
+
+def _parameters(task: type[Task]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(task) if f.init}
+
+
+def _convert(param: str, value: Any, kind: type) -> Any:
+    """Turn a ``--task-arg NAME=VALUE`` string (or an already typed value) into the parameter's type."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"task_arg '{param}': expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"task_arg '{param}': expected an int, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"task_arg '{param}': expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"task_arg '{param}': expected a string, got {value!r}")
+    return value
+
+
+def create_task(name: str, args: dict[str, Any] | None = None, seq_len: int | None = None) -> Task:
+    """Build task ``name`` with parameters ``args`` (strings are converted); ``seq_len=None`` keeps the default."""
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}, expected one of: {', '.join(TASKS)}")
+    task = TASKS[name]
+    parameters = _parameters(task)
+    kinds = typing.get_type_hints(task)
+    values = {}
+    for param, value in (args or {}).items():
+        if param not in parameters:
+            raise ValueError(f"task_arg '{param}': not a parameter of task '{name}', "
+                             f"expected one of: {', '.join(parameters)}")
+        values[param] = _convert(param, value, kinds[param])
+    if seq_len is not None:
+        seq_len = _convert("seq_len", seq_len, int)
+        if values.get("seq_len", seq_len) != seq_len:
+            raise ValueError(f"seq_len: {seq_len} disagrees with task_arg seq_len={values['seq_len']}")
+        values["seq_len"] = seq_len
+    if values.get("seq_len", 1) < 1:
+        raise ValueError(f"seq_len: expected a positive int, got {values['seq_len']}")
+    return task(**values)
+
+
+def list_tasks() -> list[tuple[str, str, dict[str, Any], str]]:
+    """``(name, one-line description, {parameter: default}, metric name)`` for every task."""
+    rows = []
+    for name, task in TASKS.items():
+        description = (task.__doc__ or "").strip().splitlines()[0]
+        defaults = {param: f.default for param, f in _parameters(task).items()}
+        rows.append((name, description, defaults, task.metric_name))
+    return rows
+
+
+__all__ = ["IGNORE_INDEX", "TASKS", "Task", "create_task", "list_tasks"]
