@@ -1,0 +1,389 @@
+"""``sandbox ablate``: run a grid of training runs described by a recipe, then summarise them.
+
+A recipe is a TOML file with a base run configuration and the axes to vary::
+
+    name = "quick"                      # optional, default: the file name
+    description = "one line for the summary"
+    seeds = [0, 1, 2]                   # every configuration runs once per seed
+    select_best = "lr"                  # optional: report the best value of this axis per configuration
+    plot_x = "d_model"                  # optional: x axis of summary.png
+
+    [base]                              # keys of sandbox.config.RunConfig, like the `sandbox run` flags
+    config = "file.toml"                # optional, a run config file that the other keys override
+    task = "mqar"
+    steps = 2000
+    [base.task_args]
+    num_kv_pairs = 4
+
+    [grid]                              # lists; the runs are their Cartesian product
+    rule = ["delta", "gated_delta"]
+    lr = [1e-3, 3e-3]
+    "task_args.num_kv_pairs" = [4, 8]
+
+``base = "file.toml"`` is short for ``[base] config = "file.toml"``. Several ``[[grid]]`` tables instead of
+one ``[grid]`` give the union of their products, for axes that only mean something for some rules (the
+stability constraint only exists for the momentum rules).
+
+Each run is its own ``sandbox run`` subprocess, so the ablation does not depend on the training code's
+internals and ``--jobs N`` is just N subprocesses (one per GPU when there are several). Layout of an
+ablation folder::
+
+    plan.json            the planned runs (name, configuration, axes); `sandbox report` reads it
+    configs/NAME.toml    the resolved run config handed to `sandbox run --config`
+    logs/NAME.log        the run's stdout and stderr, ending with its exit code
+    runs/NAME/           the run folder (config.toml, metrics.jsonl, results.json, TensorBoard events)
+    summary.csv, summary.md, summary.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, fields
+from itertools import product
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from sandbox.config import RunConfig, load_config, save_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "plot_x")
+# The ablation owns these: one folder per run, one seed per entry of `seeds`.
+RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use seeds = [...] at the top level"}
+# Rough seconds per training step when no run of the ablation has finished yet to time from.
+# Measured on the quick recipe's model (2 layers, d_model 64, batch 64, 128 tokens).
+ROUGH_SECONDS_PER_STEP = {"cuda": 0.03, "cpu": 0.3}
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    base: dict                    # RunConfig keys (task_args nested), without out and seed
+    grids: list[dict[str, list]]  # flat axis keys ("lr", "task_args.num_kv_pairs") -> values
+    seeds: list[int]
+    select_best: str | None
+    plot_x: str | None
+
+    @property
+    def axes(self) -> list[str]:
+        """Every grid key, in order of first appearance."""
+        return list(dict.fromkeys(key for grid in self.grids for key in grid))
+
+
+@dataclass
+class PlannedRun:
+    name: str    # folder name, derived from the axes and the seed
+    config: dict  # what goes into configs/NAME.toml
+    axes: dict    # grid key -> value
+    seed: int
+
+
+def _check_key(where: str, key: str) -> None:
+    if key in RESERVED_KEYS:
+        raise ValueError(f"{where}{key}: not allowed in a recipe ({RESERVED_KEYS[key]})")
+    names = [f.name for f in fields(RunConfig)]
+    if key.startswith("task_args."):
+        if len(key) == len("task_args."):
+            raise ValueError(f"{where}{key}: expected task_args.NAME")
+        return
+    if key not in names:
+        raise ValueError(f"{where}{key}: unknown key, expected one of: {', '.join(n for n in names if n not in RESERVED_KEYS)}")
+
+
+def _check_scalar(where: str, value: object) -> None:
+    if not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"{where}: expected a string, number or boolean, got {type(value).__name__}")
+
+
+def _load_base(base: object, recipe_dir: Path) -> dict:
+    if isinstance(base, str):
+        base = {"config": base}
+    if not isinstance(base, dict):
+        raise ValueError(f"base: expected a table of run-config keys or a file name, got {type(base).__name__}")
+    resolved: dict = {"task_args": {}}
+    if "config" in base:
+        path = recipe_dir / str(base["config"])
+        if not path.is_file():
+            raise ValueError(f"base.config: file not found: {path}")
+        from_file = load_config(path)
+        # A resolved run config names its own seed and folder; the ablation sets both.
+        resolved.update({k: v for k, v in from_file.items() if k not in RESERVED_KEYS})
+        resolved["task_args"] = dict(from_file.get("task_args") or {})
+    for key, value in base.items():
+        if key == "config":
+            continue
+        if key == "task_args":
+            if not isinstance(value, dict):
+                raise ValueError(f"base.task_args: expected a table, got {type(value).__name__}")
+            resolved["task_args"].update(value)
+            continue
+        _check_key("base.", key)
+        _check_scalar(f"base.{key}", value)
+        resolved[key] = value
+    return resolved
+
+
+def _load_grid(where: str, grid: object) -> dict[str, list]:
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{where}: expected a table of lists, e.g. rule = [\"delta\", \"gated_delta\"]")
+    for key, values in grid.items():
+        if key == "task_args" and isinstance(values, dict):
+            raise ValueError(f"{where}.task_args: write task_args axes as \"task_args.NAME\" = [...]")
+        _check_key(f"{where}.", key)
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}.{key}: expected a non-empty list, got {values!r}")
+        for value in values:
+            _check_scalar(f"{where}.{key}", value)
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"{where}.{key}: repeated value in {values!r}")
+    return dict(grid)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe; a mistake raises ValueError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe: file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"recipe: {path} is not valid TOML ({error})") from None
+    for key in raw:
+        if key not in RECIPE_KEYS:
+            raise ValueError(f"{key}: unknown recipe key, expected one of: {', '.join(RECIPE_KEYS)}")
+
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ValueError(f"name: expected letters, digits, '.', '_' or '-', got {name!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise ValueError(f"description: expected a string, got {type(description).__name__}")
+    base = _load_base(raw.get("base", {}), path.parent)
+
+    grid = raw.get("grid")
+    if grid is None:
+        raise ValueError("grid: missing; a recipe needs at least one axis, e.g. [grid] rule = [\"delta\"]")
+    if isinstance(grid, list):
+        if not grid:
+            raise ValueError("grid: expected at least one [[grid]] table")
+        grids = [_load_grid(f"grid[{i}]", g) for i, g in enumerate(grid)]
+    else:
+        grids = [_load_grid("grid", grid)]
+
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"seeds: expected a non-empty list of distinct integers, got {seeds!r}")
+
+    recipe = Recipe(name, description, base, grids, seeds, raw.get("select_best"), raw.get("plot_x"))
+    for key in ("select_best", "plot_x"):
+        value = getattr(recipe, key)
+        if value is not None and value not in recipe.axes:
+            raise ValueError(f"{key}: expected one of the grid axes ({', '.join(recipe.axes)}), got {value!r}")
+    return recipe
+
+
+def format_value(value: object) -> str:
+    """A value as it appears in folder names and tables: ``true``, ``0.001``, ``delta``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def run_name(axes: dict, seed: int) -> str:
+    """A stable, readable folder name, e.g. ``rule=delta__lr=0.001__seed=0``."""
+    parts = [f"{key.removeprefix('task_args.')}={format_value(value)}" for key, value in axes.items()]
+    parts.append(f"seed={seed}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "-", "__".join(parts))
+
+
+def plan_runs(recipe: Recipe) -> list[PlannedRun]:
+    """Every (grid point, seed) of the recipe, in order; identical configurations are run once."""
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    for grid in recipe.grids:
+        for values in product(*grid.values()):
+            axes = dict(zip(grid, values))
+            for seed in recipe.seeds:
+                config = json.loads(json.dumps(recipe.base))  # a deep copy of plain data
+                for key, value in axes.items():
+                    if key.startswith("task_args."):
+                        config["task_args"][key.removeprefix("task_args.")] = value
+                    else:
+                        config[key] = value
+                config["seed"] = seed
+                if not config["task_args"]:
+                    del config["task_args"]
+                fingerprint = json.dumps(config, sort_keys=True)
+                if fingerprint in seen:
+                    continue
+                seen.add(fingerprint)
+                runs.append(PlannedRun(run_name(axes, seed), config, axes, seed))
+    names = [run.name for run in runs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ValueError(f"grid: two different configurations would share the folder '{duplicate}'; "
+                         "give the [[grid]] tables the same keys")
+    return runs
+
+
+def flatten(config: dict) -> dict:
+    """``{"task_args": {"n": 4}, "lr": 0.1}`` -> ``{"task_args.n": 4, "lr": 0.1}``."""
+    flat = {k: v for k, v in config.items() if k != "task_args"}
+    flat.update({f"task_args.{k}": v for k, v in (config.get("task_args") or {}).items()})
+    return flat
+
+
+def find_run_folder(runs_dir: Path, name: str) -> Path | None:
+    """The newest folder of this run that has results.json (`sandbox run` adds -1, -2 to a taken name)."""
+    pattern = re.compile(re.escape(name) + r"(-\d+)?")
+    candidates = [p for p in runs_dir.glob(name + "*") if pattern.fullmatch(p.name)]
+    candidates.sort(key=lambda p: int(p.name[len(name) + 1:] or 0))
+    finished = [p for p in candidates if (p / "results.json").is_file()]
+    return finished[-1] if finished else None
+
+
+def check_resume(run: PlannedRun, folder: Path) -> None:
+    """Refuse to reuse a finished run whose configuration no longer matches the recipe."""
+    done = flatten(load_config(folder / "config.toml"))
+    for key, wanted in flatten(run.config).items():
+        if key in done and done[key] != wanted:
+            raise ValueError(f"{folder} was run with {key} = {done[key]!r} but the recipe now says {wanted!r}; "
+                             "choose another --out to keep both")
+
+
+def estimate_seconds(pending: list[PlannedRun], finished: list[dict], jobs: int) -> tuple[float, str]:
+    """Wall-clock estimate for the pending runs: measured seconds per step if any run finished, else a rough guess."""
+    defaults = RunConfig().to_dict()
+    steps = [run.config.get("steps", defaults["steps"]) for run in pending]
+    if finished:
+        per_step = sum(r["wall_seconds"] / max(r["steps"], 1) for r in finished) / len(finished)
+        basis = f"{per_step:.3g} s/step measured on {len(finished)} finished run(s)"
+    else:
+        device = pending[0].config.get("device", defaults["device"]) if pending else "auto"
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        per_step = ROUGH_SECONDS_PER_STEP["cpu" if device == "cpu" else "cuda"]
+        basis = f"rough guess of {per_step} s/step on {device} (no run has finished yet)"
+    return sum(steps) * per_step / min(jobs, max(len(pending), 1)), basis
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def launch_run(config_path: Path, run_dir: Path, log_path: Path, gpu: int | None) -> int:
+    """One `sandbox run` subprocess; its output goes to the log, its exit code is appended to it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    command = [sys.executable, "-m", "sandbox", "run", "--config", str(config_path), "--out", str(run_dir)]
+    with open(log_path, "a") as log:  # append: an earlier failed attempt's log is kept
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        log.write(f"exit code: {code}\n")
+    return code
+
+
+def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False) -> Path:
+    """Run (or with ``dry_run`` only list) every run of a recipe that has no results yet, then summarise."""
+    from sandbox.report import write_summaries
+
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs: expected a positive integer, got {jobs!r}")
+    recipe = load_recipe(recipe_path)
+    runs = plan_runs(recipe)
+    root = Path(out) if out is not None else Path("ablations") / recipe.name
+    runs_dir = root / "runs"
+
+    finished, pending = [], []
+    for run in runs:
+        folder = find_run_folder(runs_dir, run.name)
+        if folder is not None:
+            check_resume(run, folder)
+            finished.append(json.loads((folder / "results.json").read_text()))
+        else:
+            pending.append(run)
+
+    configurations = len(runs) // len(recipe.seeds)
+    print(f"recipe {recipe.name}: {len(runs)} runs ({configurations} configurations x {len(recipe.seeds)} seeds), "
+          f"{len(finished)} finished, {len(pending)} to run, in {root}")
+    if dry_run:
+        pending_names = {run.name for run in pending}
+        for run in runs:
+            print(f"  {'pending' if run.name in pending_names else 'done   '}  {run.name}")
+        seconds, basis = estimate_seconds(pending, finished, jobs)
+        print(f"estimate: about {format_duration(seconds)} with --jobs {jobs} ({basis})")
+        return root
+
+    for sub in ("configs", "logs", "runs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
+            "select_best": recipe.select_best, "plot_x": recipe.plot_x,
+            "runs": [{"name": r.name, "axes": r.axes, "seed": r.seed, "config": r.config} for r in runs]}
+    (root / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    for run in pending:
+        # Unchecked on purpose: `sandbox run` checks the values, so one bad grid point fails alone.
+        save_config(RunConfig(**{**RunConfig().to_dict(), **run.config}), root / "configs" / f"{run.name}.toml")
+
+    import torch
+    gpus = torch.cuda.device_count()
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
+
+    def run_one(run: PlannedRun) -> int:
+        slot = slots.get()
+        try:
+            return launch_run((root / "configs" / f"{run.name}.toml").resolve(), (runs_dir / run.name).resolve(),
+                              root / "logs" / f"{run.name}.log", slot % gpus if gpus > 1 else None)
+        finally:
+            slots.put(slot)
+
+    failed = 0
+    with tqdm(total=len(runs), initial=len(runs) - len(pending), desc=f"ablate {recipe.name}", unit="run") as bar:
+        try:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                for future in as_completed([pool.submit(run_one, run) for run in pending]):
+                    failed += future.result() != 0
+                    bar.set_postfix(failed=failed)
+                    bar.update()
+        finally:
+            write_summaries(root)
+    if failed:
+        print(f"{failed} run(s) failed; their logs are under {root / 'logs'}")
+    return root
+
+
+def ablate_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quick.toml.")],
+    out: Annotated[Optional[Path], typer.Option(help="Ablation folder (default: ablations/<recipe name>).")] = None,
+    jobs: Annotated[int, typer.Option(help="Runs at a time (with several GPUs, one per GPU).")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
+) -> None:
+    """Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png."""
+    try:
+        ablate(recipe, out, jobs, dry_run)
+    except ValueError as error:
+        from sandbox.cli import fail
+        fail(str(error))

@@ -1,0 +1,356 @@
+"""``sandbox report`` and ``sandbox compare``: tables and a plot from finished run folders.
+
+``write_summaries(dir)`` reads an ablation folder (its ``plan.json`` and run folders) and writes
+``summary.csv`` (one row per run), ``summary.md`` (mean ± std over seeds per configuration) and, with
+matplotlib installed, ``summary.png`` (the metric against the swept axis, one line per configuration).
+A folder without ``plan.json`` (say, a ``runs/`` folder of separate ``sandbox run`` calls) works too: every
+``results.json`` below it is one run, and the axes are the config keys whose values differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sandbox.ablate import find_run_folder, flatten, format_value
+from sandbox.config import RunConfig, load_config
+
+RESULT_COLUMNS = ("metric_name", "final_metric", "final_loss", "parameters", "state_size",
+                  "tokens_per_second", "wall_seconds")
+# Metrics whose name contains one of these are better when lower (losses, perplexity, bits per character).
+LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "bpc", "bits", "error")
+# Keys that never make two runs different configurations.
+NOT_AXES = {"seed", "out", "device", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
+
+
+@dataclass
+class Ablation:
+    name: str
+    description: str
+    axes: list[str]            # swept keys, seed excluded
+    select_best: str | None
+    plot_x: str | None
+    rows: list[dict] = field(default_factory=list)  # one per run: name, axes..., seed, status, results, folder, log
+
+    @property
+    def metric_name(self) -> str:
+        names = {row["metric_name"] for row in self.rows if row["status"] == "ok"}
+        return names.pop() if len(names) == 1 else "metric"
+
+
+def lower_is_better(metric_name: str) -> bool:
+    return any(word in metric_name.lower() for word in LOWER_IS_BETTER)
+
+
+def _read_status(log: Path) -> str:
+    """A run without results: 'failed' if its last attempt exited non-zero, 'interrupted' if it never ended."""
+    if not log.is_file():
+        return "not run"
+    lines = log.read_text(errors="replace").splitlines()
+    return "failed" if lines and lines[-1].startswith("exit code:") else "interrupted"
+
+
+def _row(root: Path, name: str, axes: list[str], config: dict, seed: int, folder: Path | None,
+         log: Path | None) -> dict:
+    row = {"name": name}
+    row.update({axis: config.get(axis, "") for axis in axes})
+    row["seed"] = seed
+    results = json.loads((folder / "results.json").read_text()) if folder else {}
+    row["status"] = "ok" if folder else _read_status(log) if log else "not run"
+    row.update({key: results.get(key, "") for key in RESULT_COLUMNS})
+    # Paths relative to the summary's folder, so that the folder can be moved or shared.
+    row["folder"] = str(folder.relative_to(root)) if folder else ""
+    row["log"] = str(log.relative_to(root)) if log and log.is_file() else ""
+    return row
+
+
+def load_ablation(root: str | Path) -> Ablation:
+    """The runs of an ablation folder (with plan.json), or of any folder holding run folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"DIR: not a folder: {root}")
+    defaults = flatten(RunConfig().to_dict())
+    plan_path = root / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        ablation = Ablation(plan["recipe"], plan["description"], plan["axes"], plan["select_best"], plan["plot_x"])
+        for run in plan["runs"]:
+            folder = find_run_folder(root / "runs", run["name"])
+            config = dict(defaults, **flatten(run["config"]))
+            if folder:
+                config.update(flatten(load_config(folder / "config.toml")))
+            log = root / "logs" / f"{run['name']}.log"
+            ablation.rows.append(_row(root, run["name"], ablation.axes, config, run["seed"], folder, log))
+        return ablation
+
+    folders = sorted(p.parent for p in root.rglob("results.json"))
+    if not folders:
+        raise ValueError(f"DIR: no plan.json and no run folder with results.json under {root}")
+    configs = [flatten(load_config(folder / "config.toml")) for folder in folders]
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    axes = [key for key in keys if key not in NOT_AXES
+            and len({json.dumps(config.get(key)) for config in configs}) > 1]
+    ablation = Ablation(root.name, "", axes, None, None)
+    for folder, config in zip(folders, configs):
+        name = str(folder.relative_to(root))
+        ablation.rows.append(_row(root, name, axes, config, config.get("seed", ""), folder, None))
+    return ablation
+
+
+@dataclass
+class Configuration:
+    """The runs of one configuration (every axis fixed except the seed)."""
+
+    axes: dict
+    rows: list[dict]
+
+    def values(self, key: str) -> list[float]:
+        return [float(row[key]) for row in self.rows if row["status"] == "ok" and row[key] != ""]
+
+    def mean(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.fmean(values) if values else None
+
+    def std(self, key: str) -> float:
+        values = self.values(key)
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def finished(self) -> int:
+        return sum(row["status"] == "ok" for row in self.rows)
+
+
+def group(ablation: Ablation) -> list[Configuration]:
+    """One Configuration per distinct tuple of axis values, in the order of the plan."""
+    groups: dict[str, Configuration] = {}
+    for row in ablation.rows:
+        axes = {axis: row[axis] for axis in ablation.axes}
+        key = json.dumps(axes, sort_keys=True, default=str)
+        groups.setdefault(key, Configuration(axes, [])).rows.append(row)
+    return list(groups.values())
+
+
+def select_best(ablation: Ablation, configurations: list[Configuration]) -> list[Configuration]:
+    """For each setting of the other axes, the configuration whose value of ``select_best`` scores best."""
+    axis = ablation.select_best
+    sign = 1 if lower_is_better(ablation.metric_name) else -1
+    best: dict[str, Configuration] = {}
+    for configuration in configurations:
+        others = json.dumps({k: v for k, v in configuration.axes.items() if k != axis}, sort_keys=True, default=str)
+        score = configuration.mean("final_metric")
+        if score is None:
+            best.setdefault(others, configuration)
+            continue
+        current = best.get(others)
+        if current is None or current.mean("final_metric") is None or sign * score < sign * current.mean("final_metric"):
+            best[others] = configuration
+    return list(best.values())
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _mean_std(configuration: Configuration, key: str) -> str:
+    mean = configuration.mean(key)
+    return "-" if mean is None else f"{mean:.3f} ± {configuration.std(key):.3f}"
+
+
+def _count(value: float | None) -> str:
+    """Parameter and state sizes: 12.3k, 1.25M."""
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def _markdown_table(ablation: Ablation, configurations: list[Configuration], best_axis: str | None = None) -> list[str]:
+    metric = ablation.metric_name
+    headers = [f"best {a}" if a == best_axis else a.removeprefix("task_args.") for a in ablation.axes]
+    headers += [f"{metric} (mean ± std)", "loss (mean ± std)", "parameters", "state size", "tokens/s", "seeds ok"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for c in configurations:
+        cells = [format_value(c.axes[a]) for a in ablation.axes]
+        cells += [_mean_std(c, "final_metric"), _mean_std(c, "final_loss"),
+                  _count(c.mean("parameters")), _count(c.mean("state_size")),
+                  _number(c.mean("tokens_per_second"), 0), f"{c.finished}/{len(c.rows)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(ablation: Ablation, root: Path) -> str:
+    configurations = group(ablation)
+    statuses = [row["status"] for row in ablation.rows]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    metric = ablation.metric_name
+    direction = "lower" if lower_is_better(metric) else "higher"
+    lines = [f"# Ablation `{ablation.name}`", ""]
+    if ablation.description:
+        lines += [ablation.description, ""]
+    lines += [f"{len(ablation.rows)} runs: {counts}. Final {metric} ({direction} is better) and loss are the "
+              "mean ± standard deviation over the seeds that finished.", ""]
+    if ablation.select_best:
+        lines += [f"## Best {ablation.select_best} per configuration (by mean final {metric})", ""]
+        lines += _markdown_table(ablation, select_best(ablation, configurations), ablation.select_best) + [""]
+        lines += ["## Every configuration", ""]
+    lines += _markdown_table(ablation, configurations) + [""]
+    unfinished = [row for row in ablation.rows if row["status"] != "ok"]
+    if unfinished:
+        lines += ["## Runs without results", ""]
+        for row in unfinished:
+            reason = ""
+            if row["log"]:
+                log_lines = [line for line in (root / row["log"]).read_text(errors="replace").splitlines()
+                             if line.strip() and not line.startswith(("exit code:", "==="))]
+                reason = f": {log_lines[-1].strip()}" if log_lines else ""
+            where = f" (log: `{row['log']}`)" if row["log"] else ""
+            lines.append(f"- `{row['name']}` {row['status']}{where}{reason}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_plot(ablation: Ablation, path: Path) -> bool:
+    """summary.png: the metric against ``plot_x`` (one line per setting of the other axes, one panel per task)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print('summary.png skipped: matplotlib is not installed (pip install -e ".[plot]" for plots)')
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configurations = group(ablation)
+    if ablation.select_best:
+        configurations = select_best(ablation, configurations)
+    configurations = [c for c in configurations if c.mean("final_metric") is not None]
+    if not configurations or not ablation.axes:
+        return False
+    x_axis = ablation.plot_x or ("rule" if "rule" in ablation.axes else ablation.axes[0])
+    panel_axis = "task" if "task" in ablation.axes and x_axis != "task" else None
+    hidden = {x_axis, panel_axis, ablation.select_best}
+    series_axes = [a for a in ablation.axes if a not in hidden]
+
+    x_values = list(dict.fromkeys(c.axes[x_axis] for c in configurations))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values)
+    panels = list(dict.fromkeys(c.axes[panel_axis] for c in configurations)) if panel_axis else [None]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        in_panel = [c for c in configurations if panel_axis is None or c.axes[panel_axis] == panel]
+        series: dict[str, list[Configuration]] = {}
+        for c in in_panel:
+            label = ", ".join(f"{a.removeprefix('task_args.')}={format_value(c.axes[a])}" for a in series_axes)
+            series.setdefault(label, []).append(c)
+        for label, members in series.items():
+            members.sort(key=lambda c: x_values.index(c.axes[x_axis]))
+            xs = [c.axes[x_axis] if numeric else x_values.index(c.axes[x_axis]) for c in members]
+            ax.errorbar(xs, [c.mean("final_metric") for c in members], yerr=[c.std("final_metric") for c in members],
+                        marker="o", capsize=3, linestyle="-" if numeric else "none", label=label or None)
+        if numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
+            ax.set_xscale("log", base=2)
+        if not numeric:
+            ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values], rotation=30, ha="right")
+        ax.set_xlabel(x_axis.removeprefix("task_args."))
+        ax.set_ylabel(f"final {ablation.metric_name}")
+        ax.set_title(f"{ablation.name}" + (f": {panel}" if panel is not None else ""))
+        ax.grid(alpha=0.3)
+        if len(series) > 1 or series_axes:
+            ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_summaries(root: str | Path) -> Ablation:
+    """(Re)write summary.csv, summary.md and summary.png of an ablation folder from its run folders."""
+    root = Path(root)
+    ablation = load_ablation(root)
+    columns = ["name", *ablation.axes, "seed", "status", *RESULT_COLUMNS, "folder", "log"]
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in ablation.rows:
+            writer.writerow({key: format_value(row[key]) if isinstance(row[key], bool) else row[key] for key in columns})
+    (root / "summary.md").write_text(summary_markdown(ablation, root))
+    plotted = write_plot(ablation, root / "summary.png")
+    print(f"wrote {root / 'summary.csv'}, {root / 'summary.md'}" + (f", {root / 'summary.png'}" if plotted else ""))
+    return ablation
+
+
+def _load_run(argument: str, folder: Path) -> tuple[dict, dict]:
+    if not (folder / "config.toml").is_file():
+        raise ValueError(f"{argument}: {folder} is not a run folder (expected config.toml written by `sandbox run`)")
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return flatten(load_config(folder / "config.toml")), results
+
+
+def _difference(a: object, b: object) -> str:
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in (a, b)):
+        return ""
+    if a == b:
+        return "="
+    ratio = f", x{b / a:.3g}" if a not in (0, 0.0) else ""
+    return f"{b - a:+.4g}{ratio}"
+
+
+def compare(run_a: str | Path, run_b: str | Path) -> str:
+    """The config keys and results that differ between two run folders, as aligned text."""
+    config_a, results_a = _load_run("RUN_A", Path(run_a))
+    config_b, results_b = _load_run("RUN_B", Path(run_b))
+    missing = "(unset)"
+    config_keys = [k for k in dict.fromkeys([*config_a, *config_b]) if k != "out"]
+    different = [k for k in config_keys if config_a.get(k, missing) != config_b.get(k, missing)]
+    rows = [("config", "A", "B", "")]
+    rows += [(k, format_value(config_a.get(k, missing)), format_value(config_b.get(k, missing)), "") for k in different]
+    rows.append((f"({len(config_keys) - len(different)} other config keys are equal)", "", "", ""))
+    rows.append(("", "", "", ""))
+    rows.append(("results", "A", "B", "B - A, B / A"))
+    if not results_a or not results_b:
+        rows.append(("(no results.json in " + ("A" if not results_a else "B") + ")", "", "", ""))
+    for key in dict.fromkeys([*results_a, *results_b]):
+        a, b = results_a.get(key, missing), results_b.get(key, missing)
+        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+            continue
+        rows.append((key, _cell(a), _cell(b), _difference(a, b)))
+    widths = [max(len(row[i]) for row in rows if not row[0].startswith("(")) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
+                     if not r[0].startswith("(") else r[0] for r in rows)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return format_value(value)
+
+
+def report_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="An ablation folder, or any folder of run folders.")],
+) -> None:
+    """Rebuild summary.csv, summary.md and summary.png of an ablation folder from its finished runs."""
+    try:
+        write_summaries(directory)
+    except ValueError as error:
+        from sandbox.cli import fail
+        fail(str(error))
+
+
+def compare_command(
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A run folder (holding config.toml).")],
+    run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="Another run folder.")],
+) -> None:
+    """Print the config keys and results that differ between two run folders."""
+    try:
+        typer.echo(compare(run_a, run_b))
+    except ValueError as error:
+        from sandbox.cli import fail
+        fail(str(error))
