@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from sandbox.bench import bench_command
 from sandbox.rules import get_rule, list_rules
 from sandbox.tasks.command import tasks_command
 
@@ -36,6 +37,9 @@ def rules_command() -> None:
         rule = get_rule(name)
         gates = ", ".join(rule.gates) or "-"
         typer.echo(f"{name:<{width}}  gates: {gates:<{gate_width}}  {rule.recurrence}")
+
+
+app.command("bench")(bench_command)
 
 
 app.command("tasks")(tasks_command)

@@ -1,0 +1,92 @@
+"""``sandbox bench`` on CPU: a tiny shape with the loop and the chunk form, its JSON, and its usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sandbox.bench import CaseResult, add_ratios, parse_shape
+from sandbox.cli import app
+
+TINY = ["--shape", "2,40,2,8", "--dtype", "float32", "--device", "cpu", "--repeats", "1"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+def test_bench_writes_json_with_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke(*TINY, "--rule", "gated_delta", "--rule", "momentum_delta",
+                    "--impl", "naive", "--impl", "chunk", "--impl", "triton", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert {"created", "environment", "timer", "options", "notes", "results"} <= report.keys()
+    assert {"device", "torch", "triton", "fla"} <= report["environment"].keys()
+    assert "perf_counter" in report["timer"]
+    cases = {(r["rule"], r["impl"]): r for r in report["results"]}
+    assert set(cases) == {(rule, impl) for rule in ("gated_delta", "momentum_delta")
+                          for impl in ("naive", "chunk", "triton")}
+    for rule in ("gated_delta", "momentum_delta"):
+        for impl in ("naive", "chunk"):
+            case = cases[(rule, impl)]
+            assert case["status"] == "ok", case
+            assert case["shape"] == "2,40,2,8"
+            assert case["fwd_ms"] > 0 and case["fwd_bwd_ms"] > 0
+            assert case["err_vs_loop"] < 1e-5            # float32 against the float64 loop
+        assert cases[(rule, "triton")]["status"] == "skipped"   # no GPU here
+    assert "momentum_delta" in result.output and "err vs loop" in result.output
+
+
+def test_bench_no_backward_and_long_sequences_skip_the_loop(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke(*TINY, "--rule", "linear", "--impl", "naive", "--impl", "chunk", "--naive-max-t", "16",
+                    "--no-backward", "--no-check", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    naive, chunk = json.loads(out.read_text())["results"]
+    assert naive["status"] == "skipped" and "T > 16" in naive["note"]
+    assert chunk["status"] == "ok" and chunk["fwd_bwd_ms"] is None and chunk["err_vs_loop"] is None
+
+
+def test_bench_never_overwrites_and_default_name_is_new(tmp_path, monkeypatch):
+    out = tmp_path / "taken.json"
+    out.write_text("earlier results")
+    result = invoke(*TINY, "--out", str(out))
+    assert result.exit_code == 2 and out.read_text() == "earlier results"
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):   # two runs within the same second must both be kept
+        assert invoke(*TINY, "--rule", "linear", "--impl", "chunk", "--no-backward").exit_code == 0
+    assert len(list(tmp_path.glob("bench-*.json"))) == 2
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--shape", "2,40,2"], "--shape"),
+    (["--shape", "2,0,2,8"], "--shape"),
+    (["--rule", "attention_v2"], "--rule"),
+    (["--impl", "cuda"], "--impl"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--device", "tpu"], "--device"),
+    (["--repeats", "0"], "--repeats"),
+    (["--chunk-size", "48"], "--chunk-size"),
+])
+def test_bad_flags_exit_2_with_one_line(args, named):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.output
+
+
+def test_ratio_is_relative_to_fla_gated_delta_in_the_same_shape():
+    results = [CaseResult("1,64,1,8", "gated_delta", "fla", "ok", fwd_ms=1.0, fwd_bwd_ms=4.0),
+               CaseResult("1,64,1,8", "momentum_delta", "chunk", "ok", fwd_ms=3.0, fwd_bwd_ms=10.0),
+               CaseResult("2,64,1,8", "momentum_delta", "chunk", "ok", fwd_ms=3.0, fwd_bwd_ms=10.0)]
+    add_ratios(results)
+    assert [r.vs_fla_gated_delta for r in results] == [1.0, 2.5, None]
+
+
+def test_parse_shape():
+    assert str(parse_shape("8,4096,16,128")) == "8,4096,16,128"
+    with pytest.raises(ValueError, match="--shape"):
+        parse_shape("8x4096")
