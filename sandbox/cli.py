@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import typer
 
+from sandbox.ablate import ablate_command
 from sandbox.bench import bench_command
+from sandbox.report import compare_command, report_command
 from sandbox.rules import get_rule, list_rules
 from sandbox.tasks.command import tasks_command
 
@@ -43,3 +45,8 @@ app.command("bench")(bench_command)
 
 
 app.command("tasks")(tasks_command)
+
+
+app.command("ablate")(ablate_command)
+app.command("report")(report_command)
+app.command("compare")(compare_command)
