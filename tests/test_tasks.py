@@ -96,3 +96,127 @@ def test_list_tasks_and_cli():
         assert name in result.output and description in result.output and metric_name in result.output
         for param, default in defaults.items():
             assert f"{param}={default}" in result.output
+
+
+def pairs_of(row, pair_length):
+    return [tuple(row[i:i + pair_length].tolist()) for i in range(0, len(row) - pair_length + 1, pair_length)]
+
+
+def test_fuzzy_recall_scores_the_values_of_recurring_key_motifs():
+    task = create_task("fuzzy_recall", {"key_length": 2, "value_length": 3, "num_kv_pairs": 6}, seq_len=100)
+    inputs, targets = make_batch(task, batch_size=32)
+    key_length, pair_length = 2, 5
+    for row_inputs, row_targets in zip(inputs, targets):
+        value_of, expected = {}, torch.full_like(row_targets, IGNORE_INDEX)
+        for index, pair in enumerate(pairs_of(row_inputs, pair_length)):
+            key, value = pair[:key_length], pair[key_length:]
+            assert all(t < 8 for t in key) and all(t >= 8 for t in value)
+            if key in value_of:
+                assert value_of[key] == value  # a key always brings the same value
+                start = index * pair_length + key_length - 1
+                expected[start:start + len(value)] = torch.tensor(value)
+            value_of[key] = value
+        assert len(value_of) <= 6
+        assert torch.equal(row_targets[:len(row_targets) - pair_length], expected[:len(row_targets) - pair_length])
+
+
+def test_noisy_recall_scores_recurring_keys_and_never_noise():
+    task = create_task("noisy_recall")
+    inputs, targets = make_batch(task, batch_size=32)
+    content = task.vocab_size - task.noise_vocab_size
+    is_noise = inputs >= content
+    assert (is_noise.sum(dim=1) == round(0.2 * task.seq_len)).all()
+    assert (targets[is_noise] == IGNORE_INDEX).all()
+    for row_inputs, row_targets in zip(inputs, targets):
+        clean = row_inputs[row_inputs < content]
+        keys, values = clean[0::2].tolist(), clean[1::2].tolist()
+        assert all(k < content // 2 for k in keys) and all(v >= content // 2 for v in values)
+        value_of, expected = {}, []
+        for key, value in zip(keys, values):
+            expected.append(value if key in value_of else IGNORE_INDEX)
+            assert value_of.setdefault(key, value) == value
+        clean_targets = row_targets[row_inputs < content]
+        assert clean_targets[0::2].tolist()[:len(expected)] == expected
+        assert (clean_targets[1::2] == IGNORE_INDEX).all()
+
+
+def test_selective_copy_targets_are_the_scattered_tokens_in_order():
+    task = create_task("selective_copy", {"num_tokens_to_copy": "5", "vocab_size": 10}, seq_len=30)
+    inputs, targets = make_batch(task, batch_size=32)
+    for row_inputs, row_targets in zip(inputs, targets):
+        scattered = row_inputs[:25]
+        assert row_inputs[25] == 1 and (row_targets[:25] == IGNORE_INDEX).all()
+        content = scattered[scattered != 0]
+        assert len(content) == 5 and content.min() >= 2
+        assert torch.equal(row_targets[25:], content)
+        assert torch.equal(row_inputs[26:], content[:-1])
+
+
+def test_memorization_uses_one_fixed_map():
+    task = create_task("memorization", seq_len=31)
+    inputs, targets = make_batch(task)
+    keys, values = inputs[:, 0::2], inputs[:, 1::2]
+    assert keys.max() < 128 and values.min() >= 128
+    assert torch.equal(targets[:, 0::2], task.value_of_key[keys])
+    assert torch.equal(values, task.value_of_key[keys[:, :15]])
+    assert (targets[:, 1::2] == IGNORE_INDEX).all()
+    assert torch.equal(task.value_of_key, create_task("memorization").value_of_key)
+    assert not torch.equal(task.value_of_key, create_task("memorization", {"map_seed": 1}).value_of_key)
+
+
+def test_parity_targets_and_end_only_scoring():
+    inputs, targets = make_batch(create_task("parity"))
+    assert torch.equal(targets, inputs.cumsum(dim=1) % 2)
+    inputs, targets = make_batch(create_task("parity", {"score_every_position": "false"}, seq_len=9))
+    assert (targets[:, :-1] == IGNORE_INDEX).all() and torch.equal(targets[:, -1], inputs.sum(dim=1) % 2)
+
+
+@pytest.mark.parametrize("group, degree", [("S3", 3), ("S5", 5)])
+def test_permutation_targets_are_the_running_composition(group, degree):
+    import itertools
+    task = create_task("permutation", {"group": group}, seq_len=37)
+    permutations = list(itertools.permutations(range(degree)))
+    assert task.vocab_size == len(permutations) and permutations[0] == tuple(range(degree))
+    inputs, targets = make_batch(task, batch_size=4)
+    for row_inputs, row_targets in zip(inputs, targets):
+        arrangement = list(range(degree))
+        for element, target in zip(row_inputs.tolist(), row_targets.tolist()):
+            arrangement = [arrangement[j] for j in permutations[element]]
+            assert permutations[target] == tuple(arrangement)
+
+
+def test_text_vocabulary_split_and_bits_per_char(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("ab" * 450 + "cd" * 50, encoding="utf-8")  # the last 10% is all "cd"
+    task = create_task("text", {"data": str(path)}, seq_len=16)
+    assert task.characters == "abcd" and task.vocab_size == 4
+    for split, allowed in (("train", {0, 1}), ("eval", {2, 3})):
+        inputs, targets = make_batch(task, split=split)
+        assert set(inputs.unique().tolist()) == allowed
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        assert ((targets - inputs) % 2 == 1).all()  # a is followed by b, c by d, and back
+    uniform = torch.zeros(*targets.shape, 4)
+    assert task.metric(uniform, targets) == pytest.approx(2.0)  # log2(4) bits for a uniform guess
+    assert not task.higher_is_better and task.metric_name == "bits_per_char"
+
+
+def test_text_default_is_the_cpython_prose():
+    task = create_task("text")
+    assert len(task.train_ids) + len(task.eval_ids) > 100_000 and "e" in task.characters
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("text", {"data": "/no/such/file.txt"}, "task_arg 'data': expected a readable UTF-8 text file, got '/no/such/file.txt'"),
+    ("text", {"seq_len": 10**7}, "task_arg 'seq_len': the held-out 10%"),
+    ("fuzzy_recall", {"num_kv_pairs": 100, "key_length": 2}, "task_arg 'num_kv_pairs': expected 1 to 64"),
+    ("noisy_recall", {"noise_fraction": 1.5}, "task_arg 'noise_fraction': expected a number in [0, 1)"),
+    ("noisy_recall", {"noise_vocab_size": 46}, "task_arg 'noise_vocab_size': expected 1 to vocab_size - 4 = 44"),
+    ("selective_copy", {"num_tokens_to_copy": 65}, "task_arg 'num_tokens_to_copy': 65 tokens to scatter and copy need seq_len >= 130"),
+    ("parity", {"score_every_position": "maybe"}, "task_arg 'score_every_position': expected true or false, got 'maybe'"),
+    ("parity", {"vocab_size": 4}, "task_arg 'vocab_size': not a parameter of task 'parity', expected one of: seq_len, score_every_position"),
+    ("permutation", {"group": "S4"}, "task_arg 'group': expected one of S3, S5, got 'S4'"),
+])
+def test_bad_parameters_of_each_task(name, args, message):
+    with pytest.raises(ValueError) as error:
+        create_task(name, args)
+    assert message in str(error.value)

@@ -11,9 +11,16 @@ import typing
 from typing import Any
 
 from .base import IGNORE_INDEX, Task
-from .recall import MQAR
+from .copying import SelectiveCopy
+from .memorization import Memorization
+from .recall import MQAR, FuzzyRecall, NoisyRecall
+from .state_tracking import Parity, Permutation
+from .text import Text
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (MQAR,)}
+TASKS: dict[str, type[Task]] = {
+    task.name: task
+    for task in (MQAR, FuzzyRecall, NoisyRecall, SelectiveCopy, Memorization, Parity, Permutation, Text)
+}
 
 
 def _parameters(task: type[Task]) -> dict[str, dataclasses.Field]:

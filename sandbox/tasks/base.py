@@ -53,8 +53,18 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 def sample_distinct(batch_size: int, count: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` distinct integers from ``[low, high)`` per row, uniformly: LongTensor ``[batch_size, count]``."""
-    scores = torch.rand(batch_size, high - low, generator=generator)
-    return scores.topk(count, dim=1).indices + low
+    space = high - low
+    if space <= 4096 or 2 * count * count > space:
+        # Small range: the ``count`` highest of ``space`` random scores are a uniform draw without replacement.
+        return torch.rand(batch_size, space, generator=generator).topk(count, dim=1).indices + low
+    # Large range: repeats are rare (probability < 1/2 per row), so redraw the rows that have one.
+    samples = torch.randint(low, high, (batch_size, count), generator=generator)
+    while True:
+        ordered = samples.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not repeated.any():
+            return samples
+        samples[repeated] = torch.randint(low, high, (int(repeated.sum()), count), generator=generator)
 
 
 @dataclass
