@@ -1,0 +1,469 @@
+"""Triton kernels of the chunkwise form (rules.md section 2), forward and backward, one family for all rules.
+
+Four kernels; ``tl.constexpr`` switches select the rule: ``DECAY`` (has log_alpha), ``BETA`` (has beta),
+``DELTA`` (probe key ``p = alpha * k``, else ``p = 0``), ``MOMENTUM`` (has log_mu and eta, carries M).
+Missing gates mean alpha = 1, beta = 1, no M, eta = 1.
+
+Per chunk of ``C`` tokens, with ``A_t = exp(gA_t)``, ``Mu_t = exp(gM_t)`` from chunk-local cumsums of the
+log gates (PyTorch glue), ``La[t, i] = A_t / A_i`` (i <= t), ``Las`` its strictly lower part and
+``Lm[i, j] = Mu_i / Mu_j`` (j <= i), every one built as ``exp`` of a masked, non-positive exponent:
+
+    Gs    = Las diag(b) Lm           Gamma = Gs + diag(b) Lm          (= La diag(b) Lm)
+    bMs_t = sum_i Las[t, i] b_i Mu_i bM    = bMs + b * Mu
+    KK    = diag(e) K
+    Amat  = Gs o (K KK^T)            Tm    = (I + Amat)^-1             (strictly lower Amat)
+    U     = Tm (V - diag(A) K S0 + diag(bMs) K M0)                   (U = V without DELTA)
+    O     = scale (diag(A) Q S0 - diag(bM) Q M0 + (Gamma o Q KK^T) U)
+    S_C   = A_C S0 - bM_C M0 + (diag(Gamma[C, :]) KK)^T U
+    M_C   = Mu_C M0 - (diag(Lm[C, :]) KK)^T U
+
+This is rules.md's form with the probe folded in: ``a_t Gamma[t-1, j] = Gs[t, j]``, ``A_{t-1} a_t = A_t``,
+``a_t bM_{t-1} = bMs_t``, so no shifted matrices are needed.
+
+Kernels: ``prepare`` (per chunk: ``Tm`` by forward substitution), ``forward_scan`` (per batch-head and
+V tile: walks the chunks carrying S, M; writes O, U, the per-chunk start states), ``backward_scan`` (walks
+the chunks backwards carrying dS, dM; writes dV and the per-chunk end-state gradients) and
+``backward_chunk`` (per chunk: dq, dk and the gate gradients). The backward never transposes a ``tl.dot``
+result before feeding it to another ``tl.dot`` (Triton 3.4-3.7.0 miscompiles that on Hopper): every
+transposed product is computed from loaded operands or from matrices built transposed.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lower(g, STRICT: tl.constexpr):
+    """``L[r, c] = exp(g_r - g_c)`` for c <= r (c < r if STRICT), else 0; masked before exp."""
+    C: tl.constexpr = g.shape[0]
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    keep = (c < r) if STRICT else (c <= r)
+    return tl.exp(tl.where(keep, g[:, None] - g[None, :], float("-inf")))
+
+
+@triton.jit
+def _upper(g, STRICT: tl.constexpr):
+    """The transpose of ``_lower(g)``, built directly: ``LT[r, c] = exp(g_c - g_r)`` for r <= c."""
+    C: tl.constexpr = g.shape[0]
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    keep = (r < c) if STRICT else (r <= c)
+    return tl.exp(tl.where(keep, g[None, :] - g[:, None], float("-inf")))
+
+
+@triton.jit
+def _last(x):
+    """The last entry of a vector (the chunk's end), as a scalar."""
+    C: tl.constexpr = x.shape[0]
+    return tl.sum(tl.where(tl.arange(0, C) == C - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, offset, C: tl.constexpr,
+                DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Chunk-local gates (float32, padded to whole chunks by the glue): gA, b, gM, e; defaults when absent."""
+    t = offset + tl.arange(0, C)
+    gA = tl.load(gA_ptr + t) if DECAY else tl.zeros([C], dtype=tl.float32)
+    b = tl.load(b_ptr + t) if BETA else tl.full([C], 1.0, dtype=tl.float32)
+    gM = tl.load(gM_ptr + t) if MOMENTUM else tl.zeros([C], dtype=tl.float32)
+    e = tl.load(e_ptr + t) if MOMENTUM else tl.full([C], 1.0, dtype=tl.float32)
+    return gA, b, gM, e
+
+
+@triton.jit
+def _momentum_carry(Las, b, gM):
+    """Carry-in weights of M0: ``bMs = Las (b Mu)`` (for U) and ``bM = bMs + b Mu`` (for O and S_C)."""
+    bMu = b * tl.exp(gM)
+    bMs = tl.sum(Las * bMu[None, :], axis=1)
+    return bMs, bMs + bMu
+
+
+@triton.jit
+def _intra_chunk(gA, b, gM, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """``Las, Lm, Gs, Gamma, bMs, bM`` of one chunk (Lm, bMs, bM are zeros without momentum)."""
+    Las = _lower(gA, True)
+    if MOMENTUM:
+        Lm = _lower(gM, False)
+        bLm = b[:, None] * Lm
+        Gs = tl.dot(Las, bLm, input_precision=PREC)
+        Gamma = Gs + bLm
+        bMs, bM = _momentum_carry(Las, b, gM)
+    else:
+        Lm = tl.zeros_like(Las)
+        Gs = Las * b[None, :]
+        Gamma = _lower(gA, False) * b[None, :]
+        bMs = tl.zeros_like(b)
+        bM = tl.zeros_like(b)
+    return Las, Lm, Gs, Gamma, bMs, bM
+
+
+@triton.jit
+def _intra_chunk_transposed(gA, b, gM, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """``Las^T, Lm^T, Gs^T, Gamma^T``, built transposed (not by transposing a dot result)."""
+    LasT = _upper(gA, True)
+    if MOMENTUM:
+        LmT = _upper(gM, False)
+        bLmT = LmT * b[None, :]
+        GsT = tl.dot(bLmT, LasT, input_precision=PREC)
+        GammaT = GsT + bLmT
+    else:
+        LmT = tl.zeros_like(LasT)
+        GsT = LasT * b[:, None]
+        GammaT = _upper(gA, False) * b[:, None]
+    return LasT, LmT, GsT, GammaT
+
+
+@triton.jit
+def _chunk_end(gA, b, gM, MOMENTUM: tl.constexpr):
+    """End-of-chunk rows: ``Gamma[C, :]``, ``Lm[C, :]``, and the scalars ``A_C, bM_C, Mu_C``."""
+    gA_C = _last(gA)
+    to_end = tl.exp(gA_C - gA)                          # A_C / A_i
+    A_C = tl.exp(gA_C)
+    if MOMENTUM:
+        gM_C = _last(gM)
+        Lm = _lower(gM, False)
+        gamma_C = tl.sum((b * to_end)[:, None] * Lm, axis=0)
+        lm_C = tl.exp(gM_C - gM)
+        bM_C = tl.sum(b * to_end * tl.exp(gM), axis=0)
+        Mu_C = tl.exp(gM_C)
+    else:
+        gamma_C = b * to_end
+        lm_C = tl.zeros_like(b)
+        bM_C = 0.0
+        Mu_C = 0.0
+    return gamma_C, lm_C, A_C, bM_C, Mu_C
+
+
+@triton.jit
+def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K: tl.constexpr, N,
+                   C: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, BETA: tl.constexpr,
+                   MOMENTUM: tl.constexpr):
+    """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` by forward substitution in exact float32."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    t = i_n * C + tl.arange(0, C)
+    d = tl.arange(0, BK)
+    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+    k = tl.load(k_ptr + rows[:, None] * K + d[None, :], mask=(t[:, None] < T) & (d[None, :] < K),
+                other=0.0).to(tl.float32)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, tl.cast(i_bh, tl.int64) * N * C + i_n * C, C,
+                               DECAY, BETA, MOMENTUM)
+    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, "ieee")
+    kk = k * e[:, None]
+    Amat = Gs * tl.dot(k, tl.trans(kk), input_precision="ieee")
+
+    # Row i of Tm is e_i - sum_{j<i} Amat[i, j] Tm[j, :]; rows j < i are final when row i is formed.
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    Tm = tl.where(r == c, 1.0, 0.0)
+    for i in range(1, C):
+        a_i = tl.sum(tl.where(r == i, Amat, 0.0), axis=0)          # Amat[i, :], zero from column i on
+        row = -tl.sum(a_i[:, None] * Tm, axis=0)
+        Tm = tl.where(r == i, Tm + row[None, :], Tm)
+    tl.store(tm_ptr + (tl.cast(i_bh, tl.int64) * N + i_n) * C * C + r * C + c, Tm)
+
+
+@triton.jit
+def forward_scan_kernel(q_ptr, k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
+                        s_init_ptr, m_init_ptr, o_ptr, u_ptr, s_chunks_ptr, m_chunks_ptr, s_out_ptr, m_out_ptr,
+                        scale, T, H, K: tl.constexpr, V: tl.constexpr, N,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
+                        HAS_INITIAL: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+    """Per (V tile, batch-head): walk the chunks carrying S (and M) in float32 registers."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    state_mask = (dk[:, None] < K) & (dv[None, :] < V)
+    state_offset = dk[:, None] * V + dv[None, :]
+    bh_state = tl.cast(i_bh, tl.int64) * K * V
+    if HAS_INITIAL:
+        S = tl.load(s_init_ptr + bh_state + state_offset, mask=state_mask, other=0.0)
+        M = tl.load(m_init_ptr + bh_state + state_offset, mask=state_mask, other=0.0) if MOMENTUM else S
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        M = tl.zeros([BK, BV], dtype=tl.float32)
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+
+    for i_n in range(N):
+        chunk = tl.cast(i_bh, tl.int64) * N + i_n
+        if SAVE:
+            tl.store(s_chunks_ptr + chunk * K * V + state_offset, S, mask=state_mask)
+            if MOMENTUM:
+                tl.store(m_chunks_ptr + chunk * K * V + state_offset, M, mask=state_mask)
+        t = i_n * C + tl.arange(0, C)
+        rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+        row_ok = t[:, None] < T
+        qk_mask = row_ok & (dk[None, :] < K)
+        v_mask = row_ok & (dv[None, :] < V)
+        q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
+        Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
+        gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
+        A = tl.exp(gA)
+        kk = k * e[:, None]
+
+        if DELTA:
+            Tm = tl.load(tm_ptr + chunk * C * C + r * C + c)
+            R = v - tl.dot(A[:, None] * k, S, input_precision=PREC)
+            if MOMENTUM:
+                R += tl.dot(bMs[:, None] * k, M, input_precision=PREC)
+            U = tl.dot(Tm, R, input_precision=PREC)
+            if SAVE:
+                tl.store(u_ptr + rows[:, None] * V + dv[None, :], U, mask=v_mask)
+        else:
+            U = v
+
+        W = Gamma * tl.dot(q, tl.trans(kk), input_precision=PREC)
+        o = tl.dot(A[:, None] * q, S, input_precision=PREC) + tl.dot(W, U, input_precision=PREC)
+        S_next = A_C * S + tl.dot(tl.trans(gamma_C[:, None] * kk), U, input_precision=PREC)
+        if MOMENTUM:
+            o -= tl.dot(bM[:, None] * q, M, input_precision=PREC)
+            S_next -= bM_C * M
+            M = Mu_C * M - tl.dot(tl.trans(lm_C[:, None] * kk), U, input_precision=PREC)
+        S = S_next
+        tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=v_mask)
+
+    tl.store(s_out_ptr + bh_state + state_offset, S, mask=state_mask)
+    if MOMENTUM:
+        tl.store(m_out_ptr + bh_state + state_offset, M, mask=state_mask)
+
+
+@triton.jit
+def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
+                         ds_final_ptr, dm_final_ptr, dr_ptr, ds_chunks_ptr, dm_chunks_ptr, ds_init_ptr, dm_init_ptr,
+                         scale, T, H, K: tl.constexpr, V: tl.constexpr, N,
+                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
+                         HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
+    """Per (V tile, batch-head): walk the chunks backwards carrying the gradients of the chunk-end states.
+
+    Per chunk: dU = W^T dO' + G dS - D dM, dR = Tm^T dU (= dV), and the gradients of the start states
+    dS0 = (A Q)^T dO' + A_C dS - (A K)^T dR,  dM0 = -(bM Q)^T dO' - bM_C dS + Mu_C dM + (bMs K)^T dR.
+    """
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    state_mask = (dk[:, None] < K) & (dv[None, :] < V)
+    state_offset = dk[:, None] * V + dv[None, :]
+    bh_state = tl.cast(i_bh, tl.int64) * K * V
+    if HAS_DFINAL:
+        dS = tl.load(ds_final_ptr + bh_state + state_offset, mask=state_mask, other=0.0)
+        dM = tl.load(dm_final_ptr + bh_state + state_offset, mask=state_mask, other=0.0) if MOMENTUM else dS
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dM = tl.zeros([BK, BV], dtype=tl.float32)
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+
+    for i_back in range(N):
+        i_n = N - 1 - i_back
+        chunk = tl.cast(i_bh, tl.int64) * N + i_n
+        tl.store(ds_chunks_ptr + chunk * K * V + state_offset, dS, mask=state_mask)
+        if MOMENTUM:
+            tl.store(dm_chunks_ptr + chunk * K * V + state_offset, dM, mask=state_mask)
+        t = i_n * C + tl.arange(0, C)
+        rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+        row_ok = t[:, None] < T
+        qk_mask = row_ok & (dk[None, :] < K)
+        v_mask = row_ok & (dv[None, :] < V)
+        q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
+        LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
+        gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
+        A = tl.exp(gA)
+        kk = k * e[:, None]
+
+        WT = GammaT * tl.dot(kk, tl.trans(q), input_precision=PREC)
+        dU = tl.dot(WT, do, input_precision=PREC) + tl.dot(gamma_C[:, None] * kk, dS, input_precision=PREC)
+        if MOMENTUM:
+            dU -= tl.dot(lm_C[:, None] * kk, dM, input_precision=PREC)
+        if DELTA:
+            Tm = tl.load(tm_ptr + chunk * C * C + r * C + c)
+            dR = tl.dot(tl.trans(Tm), dU, input_precision=PREC)
+        else:
+            dR = dU
+        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], dR, mask=v_mask)
+
+        dS0 = tl.dot(tl.trans(A[:, None] * q), do, input_precision=PREC) + A_C * dS
+        if DELTA:
+            dS0 -= tl.dot(tl.trans(A[:, None] * k), dR, input_precision=PREC)
+        if MOMENTUM:
+            bMs, bM = _momentum_carry(_lower(gA, True), b, gM)
+            dM0 = Mu_C * dM - bM_C * dS - tl.dot(tl.trans(bM[:, None] * q), do, input_precision=PREC)
+            if DELTA:
+                dM0 += tl.dot(tl.trans(bMs[:, None] * k), dR, input_precision=PREC)
+            dM = dM0
+        dS = dS0
+
+    tl.store(ds_init_ptr + bh_state + state_offset, dS, mask=state_mask)
+    if MOMENTUM:
+        tl.store(dm_init_ptr + bh_state + state_offset, dM, mask=state_mask)
+
+
+@triton.jit
+def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr,
+                          s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
+                          dq_ptr, dk_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
+                          scale, T, H, K: tl.constexpr, V: tl.constexpr, N,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Per (chunk, batch-head): dq, dk and the gate gradients, with all chunk states known.
+
+    Loops over V tiles accumulating the products that reduce over V, then chains the C x C gradients
+    (dW, dAmat, dGamma, dGs) down to the decay matrices and the gates. The gradients of the chunk-local
+    cumulative log gates are written; the glue turns them into gradients of the log gates.
+    """
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    dk = tl.arange(0, BK)
+    t = i_n * C + tl.arange(0, C)
+    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+    row_ok = t[:, None] < T
+    qk_mask = row_ok & (dk[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
+    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
+    LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
+    gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
+    A = tl.exp(gA)
+    kk = k * e[:, None]
+
+    acc_q = tl.zeros([C, BK], dtype=tl.float32)        # dq minus its intra-chunk attention part
+    acc_k = tl.zeros([C, BK], dtype=tl.float32)        # dk from the state terms
+    dW = tl.zeros([C, C], dtype=tl.float32)            # d(Gamma o Q KK^T) and its transpose
+    dWT = tl.zeros([C, C], dtype=tl.float32)
+    dAm = tl.zeros([C, C], dtype=tl.float32)           # d(Amat) and its transpose
+    dAmT = tl.zeros([C, C], dtype=tl.float32)
+    dA = tl.zeros([C], dtype=tl.float32)               # d(A_t), d(bM_t), d(bMs_t)
+    dbM = tl.zeros([C], dtype=tl.float32)
+    dbMs = tl.zeros([C], dtype=tl.float32)
+    dgamma_C = tl.zeros([C], dtype=tl.float32)         # d(Gamma[C, :]), d(Lm[C, :])
+    dlm_C = tl.zeros([C], dtype=tl.float32)
+    de = tl.zeros([C], dtype=tl.float32)
+    dA_C = 0.0
+    dbM_C = 0.0
+    dMu_C = 0.0
+    state_rows = chunk * K * V + dk[:, None] * V
+    for i_v in range(tl.cdiv(V, BV)):
+        dv = i_v * BV + tl.arange(0, BV)
+        v_mask = row_ok & (dv[None, :] < V)
+        state_mask = (dk[:, None] < K) & (dv[None, :] < V)
+        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        if DELTA:
+            U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        else:
+            U = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        S0 = tl.load(s_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
+        dSC = tl.load(ds_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
+
+        dA += tl.sum(do * tl.dot(q, S0, input_precision=PREC), axis=1)
+        acc_q += A[:, None] * tl.dot(do, tl.trans(S0), input_precision=PREC)
+        dW += tl.dot(do, tl.trans(U), input_precision=PREC)
+        dWT += tl.dot(U, tl.trans(do), input_precision=PREC)
+        dA_C += tl.sum(dSC * S0)
+        r1 = tl.sum(U * tl.dot(k, dSC, input_precision=PREC), axis=1)
+        dgamma_C += e * r1
+        de += gamma_C * r1
+        acc_k += (e * gamma_C)[:, None] * tl.dot(U, tl.trans(dSC), input_precision=PREC)
+        if MOMENTUM:
+            M0 = tl.load(m_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
+            dMC = tl.load(dm_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
+            dbM -= tl.sum(do * tl.dot(q, M0, input_precision=PREC), axis=1)
+            acc_q -= bM[:, None] * tl.dot(do, tl.trans(M0), input_precision=PREC)
+            dbM_C -= tl.sum(dSC * M0)
+            dMu_C += tl.sum(dMC * M0)
+            r2 = tl.sum(U * tl.dot(k, dMC, input_precision=PREC), axis=1)
+            dlm_C -= e * r2
+            de -= lm_C * r2
+            acc_k -= (e * lm_C)[:, None] * tl.dot(U, tl.trans(dMC), input_precision=PREC)
+        if DELTA:
+            dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+            dA -= tl.sum(dR * tl.dot(k, S0, input_precision=PREC), axis=1)
+            acc_k -= A[:, None] * tl.dot(dR, tl.trans(S0), input_precision=PREC)
+            if MOMENTUM:
+                dbMs += tl.sum(dR * tl.dot(k, M0, input_precision=PREC), axis=1)
+                acc_k += bMs[:, None] * tl.dot(dR, tl.trans(M0), input_precision=PREC)
+            dAm -= tl.dot(dR, tl.trans(U), input_precision=PREC)
+            dAmT -= tl.dot(U, tl.trans(dR), input_precision=PREC)
+
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    is_end = tl.arange(0, C) == C - 1
+    # O = scale * (... + (Gamma o Q KK^T) U): gradients of q, kk and Gamma.
+    dq = acc_q + tl.dot(dW * Gamma, kk, input_precision=PREC)
+    dKK = tl.dot(dWT * GammaT, q, input_precision=PREC)
+    dGamma = tl.where(c <= r, dW * tl.dot(q, tl.trans(kk), input_precision=PREC), 0.0)
+    dGamma += tl.where(r == C - 1, dgamma_C[None, :], 0.0)
+    dk_out = acc_k
+    dGs = tl.zeros([C, C], dtype=tl.float32)
+    if DELTA:
+        # Amat = Gs o (K KK^T)
+        dGs = dAm * tl.dot(k, tl.trans(kk), input_precision=PREC) * tl.where(c < r, 1.0, 0.0)
+        dk_out += tl.dot(dAm * Gs, kk, input_precision=PREC)
+        dKK += tl.dot(dAmT * GsT, k, input_precision=PREC)
+    dk_out += e[:, None] * dKK
+    tl.store(dq_ptr + rows[:, None] * K + dk[None, :], dq, mask=qk_mask)
+    tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out, mask=qk_mask)
+
+    # Down to the gates. Gradients of the chunk-end quantities sit in the last row / entry.
+    gate_t = chunk * C + tl.arange(0, C)
+    dA += tl.where(is_end, dA_C, 0.0)
+    if MOMENTUM:
+        de += tl.sum(k * dKK, axis=1)
+        tl.store(de_ptr + gate_t, de)
+        Mu = tl.exp(gM)
+        dbM += tl.where(is_end, dbM_C, 0.0)
+        dMu = tl.where(is_end, dMu_C, 0.0)
+        dLm = tl.where(r == C - 1, dlm_C[None, :], 0.0)
+        # Gamma = Gs + diag(b) Lm
+        dGs += dGamma
+        db = tl.sum(dGamma * Lm, axis=1)
+        dLm += b[:, None] * dGamma
+        # Gs = Las (diag(b) Lm)
+        dLas = tl.dot(dGs, LmT * b[None, :], input_precision=PREC)
+        dY = tl.dot(LasT, dGs, input_precision=PREC)
+        db += tl.sum(dY * Lm, axis=1)
+        dLm += b[:, None] * dY
+        # bM = bMs + b Mu,  bMs = Las (b Mu)
+        dbMs += dbM
+        db += dbM * Mu
+        dMu += dbM * b
+        dLas += dbMs[:, None] * (b * Mu)[None, :]
+        through_las = tl.sum(Las * dbMs[:, None], axis=0)
+        db += Mu * through_las
+        dMu += b * through_las
+        Fm = dLm * Lm
+        dgM = tl.sum(Fm, axis=1) - tl.sum(Fm, axis=0) + dMu * Mu
+        tl.store(dgM_ptr + gate_t, dgM)
+    else:
+        # Gamma = (Las + I) diag(b), Gs = Las diag(b)
+        db = tl.sum(tl.where(r == c, dGamma, 0.0), axis=0)
+        dGs += tl.where(c < r, dGamma, 0.0)
+        dLas = dGs * b[None, :]
+        db += tl.sum(dGs * Las, axis=0)
+    if BETA:
+        tl.store(db_ptr + gate_t, db)
+    if DECAY:
+        E = dLas * Las
+        dgA = tl.sum(E, axis=1) - tl.sum(E, axis=0) + dA * A
+        tl.store(dgA_ptr + gate_t, dgA)
