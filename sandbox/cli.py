@@ -13,6 +13,7 @@ from sandbox.bench import bench_command
 from sandbox.report import compare_command, report_command
 from sandbox.rules import get_rule, list_rules
 from sandbox.tasks.command import tasks_command
+from sandbox.train import run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Understand and compare linear-attention update rules: train, ablate, benchmark.")
@@ -50,3 +51,6 @@ app.command("tasks")(tasks_command)
 app.command("ablate")(ablate_command)
 app.command("report")(report_command)
 app.command("compare")(compare_command)
+
+
+app.command("run")(run_command)
