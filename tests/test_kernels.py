@@ -31,7 +31,7 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: nan_filled(empty_like(*args, **kwargs)))
 
 
-def make_inputs(rule, B, T, H, K, V, dtype, seed=0, slow_state_fast_momentum=False):
+def make_inputs(rule, B, T, H, K, V, dtype, gate_dtype=None, seed=0, slow_state_fast_momentum=False):
     """Unit-norm keys (as the layer feeds them) and gates in their usual ranges; optional mu << alpha regime."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=g)
@@ -42,16 +42,19 @@ def make_inputs(rule, B, T, H, K, V, dtype, seed=0, slow_state_fast_momentum=Fal
               "beta": rand(B, T, H),
               "log_mu": -(1 + rand(B, T, H)) if slow_state_fast_momentum else -rand(B, T, H),
               "eta": 2 * rand(B, T, H)}
-    gates = {name: ranges[name].to(dtype) for name in rule.gates}
+    gates = {name: ranges[name].to(gate_dtype or dtype) for name in rule.gates}
     count = 2 if rule.momentum else 1
     states = tuple(torch.randn(B, H, K, V, generator=g) for _ in range(count))
     return q.to(dtype), k.to(dtype), v.to(dtype), gates, states
 
 
-def outputs_and_grads(rule, fn, q, k, v, gates, states, dtype, with_state, **kwargs):
-    """Run ``fn`` on copies cast to ``dtype``; return the outputs and the gradients of every input."""
-    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v, *gates.values())]
-    initial = [s.detach().to(dtype).requires_grad_() for s in states] if with_state else []
+def outputs_and_grads(rule, fn, q, k, v, gates, states, dtype, with_state, device="cpu", **kwargs):
+    """Run ``fn`` on copies cast to ``dtype`` (gates keep theirs unless dtype is float64); return the outputs
+    and the gradients of every input, for a loss with fixed random weights on every output."""
+    gate_cast = lambda x: x.to(torch.float64) if dtype == torch.float64 else x
+    leaves = [x.detach().to(device, dtype).requires_grad_() for x in (q, k, v)]
+    leaves += [gate_cast(x.detach().to(device)).requires_grad_() for x in gates.values()]
+    initial = [s.detach().to(device, dtype).requires_grad_() for s in states] if with_state else []
     initial_state = None
     if with_state:
         initial_state = tuple(initial) if rule.momentum else initial[0]
@@ -60,7 +63,8 @@ def outputs_and_grads(rule, fn, q, k, v, gates, states, dtype, with_state, **kwa
                   **dict(zip(gates, gg)), **kwargs)
     finals = (list(final) if rule.momentum else [final]) if with_state else []
     g = torch.Generator().manual_seed(1)
-    loss = sum((x.double() * torch.randn(x.shape, generator=g, dtype=torch.float64)).sum() for x in [o, *finals])
+    weight = lambda x: torch.randn(x.shape, generator=g, dtype=torch.float64).to(device)
+    loss = sum((x.double() * weight(x)).sum() for x in [o, *finals])
     grads = torch.autograd.grad(loss, leaves + initial)
     return [o, *finals], list(grads)
 
@@ -70,18 +74,34 @@ def relative_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def check_against_naive(rule_name, B, T, H, K, V, dtype, chunk_size, with_state=True, **regime):
+def kernel_errors(rule_name, B, T, H, K, V, dtype, chunk_size, with_state=True, gate_dtype=None, device="cpu",
+                  reference="naive", **regime):
+    """Relative RMS error of every output and gradient of ``rule.triton`` against a float64 reference.
+
+    Returns ``{name: error}`` with names o, S, M, dq, dk, dv, d<gate>, dS0, dM0; also checks the dtypes
+    (o and gradients in their input's dtype, final states float32) and that everything is finite.
+    """
     rule = get_rule(rule_name)
-    q, k, v, gates, states = make_inputs(rule, B, T, H, K, V, dtype, **regime)
-    outs, grads = outputs_and_grads(rule, rule.triton, q, k, v, gates, states, dtype, with_state,
+    q, k, v, gates, states = make_inputs(rule, B, T, H, K, V, dtype, gate_dtype=gate_dtype, **regime)
+    outs, grads = outputs_and_grads(rule, rule.triton, q, k, v, gates, states, dtype, with_state, device,
                                     chunk_size=chunk_size)
-    ref_outs, ref_grads = outputs_and_grads(rule, rule.naive, q, k, v, gates, states, torch.float64, with_state)
+    reference_fn = rule.naive if reference == "naive" else rule.chunk
+    ref_outs, ref_grads = outputs_and_grads(rule, reference_fn, q, k, v, gates, states, torch.float64,
+                                            with_state, device)
     names = ["o", "S", "M"][:len(outs)] + ["dq", "dk", "dv", *(f"d{n}" for n in gates), "dS0", "dM0"][:len(grads)]
-    for name, out, ref in zip(names, outs + grads, ref_outs + ref_grads):
-        expected_dtype = torch.float32 if name in ("S", "M") else dtype
+    input_dtypes = [dtype] * 3 + [x.dtype for x in gates.values()] + [dtype] * 2
+    expected_dtypes = [dtype, torch.float32, torch.float32][:len(outs)] + input_dtypes[:len(grads)]
+    errors = {}
+    for name, out, ref, expected_dtype in zip(names, outs + grads, ref_outs + ref_grads, expected_dtypes):
         assert out.dtype == expected_dtype, f"{rule_name}: {name} is {out.dtype}, expected {expected_dtype}"
         assert torch.isfinite(out).all(), f"{rule_name}: {name} has non-finite values"
-        error = relative_rms(out, ref)
+        errors[name] = relative_rms(out, ref)
+    return errors
+
+
+def check_against_naive(rule_name, B, T, H, K, V, dtype, chunk_size, **options):
+    errors = kernel_errors(rule_name, B, T, H, K, V, dtype, chunk_size, **options)
+    for name, error in errors.items():
         assert error <= TOLERANCE[dtype], f"{rule_name} T={T} C={chunk_size}: {name} relative RMS {error:.2e}"
 
 

@@ -136,7 +136,7 @@ def _chunk_end(gA, b, gM, MOMENTUM: tl.constexpr):
 
 
 @triton.jit
-def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K: tl.constexpr, N,
+def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
                    C: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, BETA: tl.constexpr,
                    MOMENTUM: tl.constexpr):
     """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` by forward substitution in exact float32."""
@@ -169,7 +169,7 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K: tl.cons
 @triton.jit
 def forward_scan_kernel(q_ptr, k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
                         s_init_ptr, m_init_ptr, o_ptr, u_ptr, s_chunks_ptr, m_chunks_ptr, s_out_ptr, m_out_ptr,
-                        scale, T, H, K: tl.constexpr, V: tl.constexpr, N,
+                        scale, T, H, K, V, N,
                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
                         HAS_INITIAL: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
@@ -241,7 +241,7 @@ def forward_scan_kernel(q_ptr, k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_pt
 @triton.jit
 def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
                          ds_final_ptr, dm_final_ptr, dr_ptr, ds_chunks_ptr, dm_chunks_ptr, ds_init_ptr, dm_init_ptr,
-                         scale, T, H, K: tl.constexpr, V: tl.constexpr, N,
+                         scale, T, H, K, V, N,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
                          HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
@@ -319,7 +319,7 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
 def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
                           dq_ptr, dk_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
-                          scale, T, H, K: tl.constexpr, V: tl.constexpr, N,
+                          scale, T, H, K, V, N,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
                           PREC: tl.constexpr):

@@ -1,0 +1,118 @@
+"""Check the Triton chunk kernels on a CUDA GPU: the GPU test suite, then a timing table.
+
+    PYTHONPATH=. python scripts/gpu_kernel_check.py --out results/      # tests + timings
+    PYTHONPATH=. python scripts/gpu_kernel_check.py --skip-tests        # timings only
+
+Writes ``kernel_errors.md`` (relative RMS error of every output and gradient, per case, from
+``tests/test_kernels_gpu.py``) and ``kernel_timings.md`` (median ms of forward and forward+backward,
+``triton.testing.do_bench``) into ``--out``, and prints both.
+"""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from sandbox.rules import get_rule
+
+RULES = ["linear", "decay", "delta", "gated_delta", "momentum_delta", "decay_momentum"]
+SHAPES = [(8, 4096, 16, 128), (32, 512, 4, 64)]      # (B, T, H, D), the shapes of shared/notes/kernels.md
+
+
+def run_tests(out: Path, jobs: int, select: str | None) -> int:
+    """Run the GPU tests in ``jobs`` parallel pytest processes (kernel compilation is CPU-bound);
+    turn their KERNEL-ERRORS lines into a markdown table."""
+    pytest = [sys.executable, "-m", "pytest", "tests/test_kernels_gpu.py", "-p", "no:cacheprovider"]
+    if select:
+        pytest += ["-k", select]
+    collected = subprocess.run(pytest + ["--collect-only", "-q"], capture_output=True, text=True).stdout
+    node_ids = [line for line in collected.splitlines() if "::" in line]
+    groups = [node_ids[i::jobs] for i in range(jobs) if node_ids[i::jobs]]
+    processes = [subprocess.Popen([*pytest[:3], "-s", "-q", "-p", "no:cacheprovider", *group],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for group in groups]
+    outputs = [process.communicate()[0] for process in processes]
+    returncode = max((process.returncode for process in processes), default=1)
+    log = "\n".join(outputs)
+    (out / "kernel_tests.log").write_text(log)
+    summaries = [output.strip().splitlines()[-1] for output in outputs if output.strip()]
+    rows = []
+    for line in log.splitlines():
+        if line.startswith("KERNEL-ERRORS "):
+            _, rule, T, D, dtype, C, regime, *errors = line.split()
+            worst = lambda names: max((float(e.split("=")[1]) for e in errors if e.split("=")[0] in names),
+                                      default=0.0)
+            gates = [e.split("=")[0] for e in errors if e.split("=")[0] not in
+                     ("o", "S", "M", "dq", "dk", "dv", "dS0", "dM0")]
+            rows.append(f"| {rule} | {T[2:]} | {D[2:]} | {dtype} | {C[2:]} | {regime} | "
+                        f"{worst(('o', 'S', 'M')):.1e} | {worst(('dq', 'dk', 'dv', 'dS0', 'dM0')):.1e} | "
+                        f"{worst(gates):.1e} |")
+    table = ["| rule | T | D | dtype | C | regime | o, states | dq dk dv dS0 dM0 | gate grads |",
+             "|---|---|---|---|---|---|---|---|---|", *rows,
+             "", f"{len(node_ids)} tests in {len(groups)} processes: " + "; ".join(summaries)]
+    (out / "kernel_errors.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table), flush=True)
+    return returncode
+
+
+def time_rule(name: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
+    """Median ms of the forward and of forward+backward, bf16 inputs, float32 gates, no states."""
+    rule = get_rule(name)
+    device = "cuda"
+    q = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device), dim=-1).bfloat16().requires_grad_()
+    v = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    ranges = {"log_alpha": -0.5 * torch.rand(B, T, H, device=device), "beta": torch.rand(B, T, H, device=device),
+              "log_mu": -torch.rand(B, T, H, device=device), "eta": 2 * torch.rand(B, T, H, device=device)}
+    gates = {g: ranges[g].requires_grad_() for g in rule.gates}
+    do = torch.randn_like(v)
+    leaves = [q, k, v, *gates.values()]
+
+    def forward():
+        return rule.triton(q, k, v, chunk_size=64, **gates)[0]
+
+    def forward_backward():
+        forward().backward(do)
+
+    with torch.no_grad():
+        fwd = triton.testing.do_bench(forward)
+    fwd_bwd = triton.testing.do_bench(forward_backward, grad_to_none=leaves)
+    return fwd, fwd_bwd
+
+
+def run_timings(out: Path) -> None:
+    header = " | ".join(f"B{B} T{T} H{H} D{D}" for B, T, H, D in SHAPES)
+    table = [f"| rule (bf16, ms: forward / forward+backward) | {header} |", "|---" * (len(SHAPES) + 1) + "|"]
+    for name in RULES:
+        cells = []
+        for shape in SHAPES:
+            fwd, fwd_bwd = time_rule(name, *shape)
+            cells.append(f"{fwd:.3f} / {fwd_bwd:.3f}")
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(table[-1], flush=True)
+    table.append(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    (out / "kernel_timings.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for the result files")
+    parser.add_argument("--skip-tests", action="store_true", help="only the timing table")
+    parser.add_argument("--skip-timings", action="store_true", help="only the tests")
+    parser.add_argument("--jobs", type=int, default=6, help="parallel pytest processes")
+    parser.add_argument("--select", help="pytest -k expression to run a subset of the GPU tests")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_kernel_check: needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    status = 0 if args.skip_tests else run_tests(args.out, args.jobs, args.select)
+    if not args.skip_timings:
+        run_timings(args.out)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

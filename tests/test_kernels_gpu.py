@@ -1,0 +1,69 @@
+"""Triton chunk kernels on CUDA, bf16/fp16, long sequences, against float64 on the GPU (skipped without CUDA).
+
+The reference is ``rule.chunk`` in float64 (the per-token loop is too slow at T = 2048); that it equals the
+loop to ~1e-12 is checked once at a short T. Each case prints one ``KERNEL-ERRORS`` line (run with ``-s``)
+that ``scripts/gpu_kernel_check.py`` collects into its summary table.
+"""
+
+import pytest
+import torch
+
+from test_kernels import RULES, kernel_errors, outputs_and_grads, make_inputs, relative_rms
+from sandbox.rules import get_rule
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# Relative RMS bounds for half-precision inputs (outputs rounded to bf16 alone cost ~2.3e-3).
+OUTPUT_TOLERANCE = 5e-3          # o and final states
+INPUT_GRAD_TOLERANCE = 1e-2      # q, k, v and initial-state gradients
+GATE_GRAD_TOLERANCE = 2e-2       # gate gradients
+MOMENTUM_RULES = ["momentum_delta", "decay_momentum"]
+
+
+def tolerance(name: str) -> float:
+    if name in ("o", "S", "M"):
+        return OUTPUT_TOLERANCE
+    if name in ("dq", "dk", "dv", "dS0", "dM0"):
+        return INPUT_GRAD_TOLERANCE
+    return GATE_GRAD_TOLERANCE
+
+
+def check_on_gpu(rule_name, T, D, dtype, chunk_size, **regime):
+    errors = kernel_errors(rule_name, B=2, T=T, H=4, K=D, V=D, dtype=dtype, chunk_size=chunk_size,
+                           gate_dtype=torch.float32, device="cuda", reference="chunk", **regime)
+    tag = "mu<<alpha" if regime else "-"
+    print(f"\nKERNEL-ERRORS {rule_name} T={T} D={D} {str(dtype)[6:]} C={chunk_size} {tag} "
+          + " ".join(f"{name}={error:.1e}" for name, error in errors.items()))
+    for name, error in errors.items():
+        assert error <= tolerance(name), f"{rule_name} T={T} D={D} {dtype} C={chunk_size}: {name} {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 100, 128])
+@pytest.mark.parametrize("T", [63, 1000, 2048])
+@pytest.mark.parametrize("rule_name", RULES)
+def test_gpu_kernels_chunk64(rule_name, T, D, dtype):
+    check_on_gpu(rule_name, T, D, dtype, chunk_size=64)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32])
+@pytest.mark.parametrize("rule_name", RULES)
+def test_gpu_kernels_small_chunks(rule_name, chunk_size):
+    check_on_gpu(rule_name, T=1000, D=100, dtype=torch.bfloat16, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rule_name", MOMENTUM_RULES)
+def test_gpu_kernels_momentum_much_faster_than_state_decay(rule_name, dtype):
+    check_on_gpu(rule_name, T=1000, D=128, dtype=dtype, chunk_size=64, slow_state_fast_momentum=True)
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+def test_gpu_float64_chunk_reference_equals_naive(rule_name):
+    """Licenses ``rule.chunk`` in float64 as the reference of the long cases above."""
+    rule = get_rule(rule_name)
+    inputs = make_inputs(rule, 2, 100, 4, 64, 64, torch.float64)
+    chunk = outputs_and_grads(rule, rule.chunk, *inputs, torch.float64, True, "cuda", chunk_size=64)
+    naive = outputs_and_grads(rule, rule.naive, *inputs, torch.float64, True, "cuda")
+    for out, ref in zip(chunk[0] + chunk[1], naive[0] + naive[1]):
+        assert relative_rms(out, ref) <= 1e-10
