@@ -10,6 +10,7 @@ import typer
 
 from sandbox.ablate import ablate_command
 from sandbox.bench import bench_command
+from sandbox.doctor import doctor_command
 from sandbox.report import compare_command, report_command
 from sandbox.rules import get_rule, list_rules
 from sandbox.tasks.command import tasks_command
@@ -51,6 +52,5 @@ app.command("tasks")(tasks_command)
 app.command("ablate")(ablate_command)
 app.command("report")(report_command)
 app.command("compare")(compare_command)
-
-
 app.command("run")(run_command)
+app.command("doctor")(doctor_command)

@@ -20,6 +20,7 @@ inputs; a sequence forward can start from, and return, the same carried state.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -39,8 +40,11 @@ class MixerState(NamedTuple):
     conv: tuple[Tensor, ...]   # (q, k, v), each [B, channels, CONV_SIZE - 1]; empty without short_conv
 
 
+@functools.lru_cache(maxsize=None)
 def triton_works(device: torch.device) -> tuple[bool, str]:
-    """Whether ``rule.triton`` runs here and agrees with ``rule.chunk`` on a tiny problem (with the reason)."""
+    """Whether ``rule.triton`` runs here and agrees with ``rule.chunk`` on a tiny problem (with the reason).
+
+    Cached per device: the first call compiles the kernels."""
     from sandbox.rules import get_rule
 
     rule = get_rule("momentum_delta")
