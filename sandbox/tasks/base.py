@@ -39,6 +39,7 @@ def split_generator(generator: torch.Generator, split: str) -> torch.Generator:
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of scored positions (targets != -100) where the arg-max of the logits is the target."""
     check_logits(logits, targets)
+    targets = targets.to(logits.device)
     scored = targets != IGNORE_INDEX
     predictions = logits.argmax(dim=-1)
     return (predictions[scored] == targets[scored]).float().mean().item()

@@ -76,5 +76,5 @@ class Text(Task):
     def metric(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """Bits per character over the scored positions."""
         check_logits(logits, targets)
-        nats = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        nats = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX)
         return nats.item() / math.log(2)
