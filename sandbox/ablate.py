@@ -41,6 +41,7 @@ import json
 import os
 import queue
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -63,9 +64,13 @@ else:
 RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "plot_x")
 # The ablation owns these: one folder per run, one seed per entry of `seeds`.
 RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use seeds = [...] at the top level"}
-# Rough seconds per training step when no run of the ablation has finished yet to time from.
-# Measured on the quick recipe's model (2 layers, d_model 64, batch 64, 128 tokens).
-ROUGH_SECONDS_PER_STEP = {"cuda": 0.03, "cpu": 0.3}
+# A rough cost model for `--dry-run`: seconds per run = start-up + steps x (per-step overhead + tokens per
+# step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
+# of the ablation have finished, the estimate is rescaled by how far off the model was for them.
+ROUGH_COST = {  # device: (start-up s, overhead s/step, s per token x layer x d_model^2)
+    "cuda": (15.0, 0.02, 4e-12),   # small models are launch-bound: the overhead dominates
+    "cpu": (5.0, 0.005, 8e-9),     # one thread at ~10 GFLOP/s
+}
 
 
 @dataclass
@@ -266,21 +271,31 @@ def check_resume(run: PlannedRun, folder: Path) -> None:
                              "choose another --out to keep both")
 
 
-def estimate_seconds(pending: list[PlannedRun], finished: list[dict], jobs: int) -> tuple[float, str]:
-    """Wall-clock estimate for the pending runs: measured seconds per step if any run finished, else a rough guess."""
-    defaults = RunConfig().to_dict()
-    steps = [run.config.get("steps", defaults["steps"]) for run in pending]
-    if finished:
-        per_step = sum(r["wall_seconds"] / max(r["steps"], 1) for r in finished) / len(finished)
-        basis = f"{per_step:.3g} s/step measured on {len(finished)} finished run(s)"
-    else:
-        device = pending[0].config.get("device", defaults["device"]) if pending else "auto"
-        if device == "auto":
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        per_step = ROUGH_SECONDS_PER_STEP["cpu" if device == "cpu" else "cuda"]
-        basis = f"rough guess of {per_step} s/step on {device} (no run has finished yet)"
-    return sum(steps) * per_step / min(jobs, max(len(pending), 1)), basis
+def modeled_seconds(config: dict) -> float:
+    """Seconds one run should take according to ROUGH_COST (config: the planned keys, defaults for the rest)."""
+    from sandbox.tasks import create_task
+
+    config = {**RunConfig().to_dict(), **config}
+    device = config["device"]
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    startup, overhead, per_unit = ROUGH_COST["cpu" if device == "cpu" else "cuda"]
+    try:
+        seq_len = create_task(config["task"], config["task_args"], seq_len=config["seq_len"]).seq_len
+    except ValueError:
+        return startup  # the run will stop at its bad value
+    units = config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
+    return startup + config["steps"] * (overhead + units * per_unit)
+
+
+def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int) -> tuple[float, str]:
+    """Wall-clock estimate for the pending runs, and what it is based on."""
+    total = sum(modeled_seconds(run.config) for run in pending) / min(jobs, max(len(pending), 1))
+    if not finished:
+        return total, "rough cost model, no run has finished yet"
+    scale = statistics.fmean(results["wall_seconds"] / modeled_seconds(run.config) for run, results in finished)
+    return total * scale, f"cost model rescaled by {scale:.2g} to match {len(finished)} finished run(s)"
 
 
 def format_duration(seconds: float) -> str:
@@ -291,9 +306,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def launch_run(config_path: Path, run_dir: Path, log_path: Path, gpu: int | None) -> int:
+def launch_run(config_path: Path, run_dir: Path, log_path: Path, gpu: int | None, threads: int | None) -> int:
     """One `sandbox run` subprocess; its output goes to the log, its exit code is appended to it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     command = [sys.executable, "-m", "sandbox", "run", "--config", str(config_path), "--out", str(run_dir)]
@@ -321,7 +338,7 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
         folder = find_run_folder(runs_dir, run.name)
         if folder is not None:
             check_resume(run, folder)
-            finished.append(json.loads((folder / "results.json").read_text()))
+            finished.append((run, json.loads((folder / "results.json").read_text())))
         else:
             pending.append(run)
 
@@ -348,6 +365,8 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
 
     import torch
     gpus = torch.cuda.device_count()
+    # Parallel runs share the CPU cores; more threads than cores makes small models many times slower.
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else None
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
@@ -356,7 +375,7 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
         slot = slots.get()
         try:
             return launch_run((root / "configs" / f"{run.name}.toml").resolve(), (runs_dir / run.name).resolve(),
-                              root / "logs" / f"{run.name}.log", slot % gpus if gpus > 1 else None)
+                              root / "logs" / f"{run.name}.log", slot % gpus if gpus > 1 else None, threads)
         finally:
             slots.put(slot)
 

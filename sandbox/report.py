@@ -21,10 +21,8 @@ import typer
 from sandbox.ablate import find_run_folder, flatten, format_value
 from sandbox.config import RunConfig, load_config
 
-RESULT_COLUMNS = ("metric_name", "final_metric", "final_loss", "parameters", "state_size",
+RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss", "parameters", "state_size",
                   "tokens_per_second", "wall_seconds")
-# Metrics whose name contains one of these are better when lower (losses, perplexity, bits per character).
-LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "bpc", "bits", "error")
 # Keys that never make two runs different configurations.
 NOT_AXES = {"seed", "out", "device", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
 
@@ -43,9 +41,13 @@ class Ablation:
         names = {row["metric_name"] for row in self.rows if row["status"] == "ok"}
         return names.pop() if len(names) == 1 else "metric"
 
-
-def lower_is_better(metric_name: str) -> bool:
-    return any(word in metric_name.lower() for word in LOWER_IS_BETTER)
+    @property
+    def higher_is_better(self) -> bool:
+        """From the runs' results.json (a task knows whether its metric is an accuracy or a loss)."""
+        directions = {row["higher_is_better"] for row in self.rows if row["status"] == "ok"}
+        if len(directions) > 1:
+            raise ValueError("the runs' metrics disagree on whether higher is better; summarise them separately")
+        return directions.pop() if directions else True
 
 
 def _read_status(log: Path) -> str:
@@ -139,7 +141,7 @@ def group(ablation: Ablation) -> list[Configuration]:
 def select_best(ablation: Ablation, configurations: list[Configuration]) -> list[Configuration]:
     """For each setting of the other axes, the configuration whose value of ``select_best`` scores best."""
     axis = ablation.select_best
-    sign = 1 if lower_is_better(ablation.metric_name) else -1
+    sign = -1 if ablation.higher_is_better else 1
     best: dict[str, Configuration] = {}
     for configuration in configurations:
         others = json.dumps({k: v for k, v in configuration.axes.items() if k != axis}, sort_keys=True, default=str)
@@ -192,7 +194,7 @@ def summary_markdown(ablation: Ablation, root: Path) -> str:
     statuses = [row["status"] for row in ablation.rows]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
     metric = ablation.metric_name
-    direction = "lower" if lower_is_better(metric) else "higher"
+    direction = "higher" if ablation.higher_is_better else "lower"
     lines = [f"# Ablation `{ablation.name}`", ""]
     if ablation.description:
         lines += [ablation.description, ""]
