@@ -375,11 +375,11 @@ def bench_command(
     from sandbox.cli import fail
 
     try:
-        shapes = [parse_shape(s) for s in (shape or DEFAULT_SHAPES)]
+        shapes = list(dict.fromkeys(parse_shape(s) for s in (shape or DEFAULT_SHAPES)))   # repeats dropped
         unknown = [name for name in rule or [] if name not in list_rules()]
         if unknown:
             raise ValueError(f"--rule: unknown rule '{unknown[0]}', expected one of: {', '.join(list_rules())}")
-        rules = [get_rule(name) for name in (rule or list_rules())]
+        rules = [get_rule(name) for name in dict.fromkeys(rule or list_rules())]
         torch_dtype = parse_dtype(dtype)
         torch_device = parse_device(device)
         for name, value, low in (("--repeats", repeats, 1), ("--naive-max-t", naive_max_t, 0)):
@@ -388,7 +388,7 @@ def bench_command(
         if chunk_size not in (16, 32, 64, 128):
             raise ValueError(f"--chunk-size: expected 16, 32, 64 or 128, got {chunk_size}")
         fla = import_fla()
-        impls = [parse_impl(name) for name in impl] if impl else [i for i in IMPLS if i != "fla" or fla is not None]
+        impls = [parse_impl(name) for name in dict.fromkeys(impl)] if impl else [i for i in IMPLS if i != "fla" or fla is not None]
         if out is not None and out.exists():
             raise ValueError(f"--out: {out} already exists (earlier results are never overwritten); pick a new name")
         if out is not None and not out.parent.is_dir():
@@ -406,25 +406,9 @@ def bench_command(
     timer = ("triton.testing.do_bench, median (after a warm-up call)" if torch_device.type == "cuda"
              else f"time.perf_counter, median of {repeats} runs (after a warm-up call)")
 
-    results = []
-    with tqdm(total=len(shapes) * len(rules) * len(impls), desc="bench", unit="case") as progress:
-        for s in shapes:
-            for r in rules:
-                # the loop's output is computed once per (shape, rule), and only if some impl runs
-                reference = functools.cache(lambda: loop_reference(r, s, torch_dtype, torch_device, seed))
-                for i in impls:
-                    results.append(run_case(r, i, s, torch_dtype, torch_device, backward=backward,
-                                            chunk_size=chunk_size, naive_max_t=naive_max_t, repeats=repeats,
-                                            seed=seed, fla=fla, reference=reference if check else None))
-                    progress.update()
-                del reference
-    add_ratios(results)
-
+    path = out or default_out_path()
+    open(path, "x").close()                        # claim the name now; "x" never overwrites an existing file
     env = environment(torch_device, fla)
-    typer.echo(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | fla {env['fla'] or '-'} | "
-               f"{dtype} | timer: {timer}")
-    typer.echo(format_table(results))
-
     report = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
         "environment": env,
@@ -434,10 +418,43 @@ def bench_command(
                     "repeats": repeats, "seed": seed, "check": check,
                     "fla_lift_hopper_guard": fla_lift_guard},
         "notes": notes,
-        "results": [asdict(r) for r in results],
+        "results": [],
     }
-    path = out or default_out_path()
-    with open(path, "x") as f:                      # "x": never overwrite, even if the file appeared meanwhile
-        json.dump(report, f, indent=2)
-        f.write("\n")
+
+    def table_order(case: tuple[Shape, Rule, str]) -> tuple[int, int, int]:
+        shape_, rule_, impl_ = case
+        return shapes.index(shape_), rules.index(rule_), impls.index(impl_)
+
+    def run_order(case: tuple[Shape, Rule, str]) -> tuple[int, int, int, int]:
+        """Per shape: the ratio's reference, our kernels, the chunk form, other fla, the loop; so that a run
+        cut short (time limit, crash) has already saved the cases that matter most."""
+        shape_, rule_, impl_ = case
+        priority = 0 if (rule_.name, impl_) == REFERENCE else ("triton", "chunk", "fla", "naive").index(impl_) + 1
+        return shapes.index(shape_), priority, rules.index(rule_), impls.index(impl_)
+
+    cases = sorted(((s, r, i) for s in shapes for r in rules for i in impls), key=run_order)
+    done: dict[tuple[Shape, Rule, str], CaseResult] = {}
+    references: dict[str, Callable[[], Tensor]] = {}      # per rule, for the current shape
+    current_shape = None
+    for s, r, i in tqdm(cases, desc="bench", unit="case"):
+        if s != current_shape:
+            references.clear()                             # frees the previous shape's loop outputs
+            current_shape = s
+        # the loop's output is computed once per (shape, rule), and only if some impl of it runs
+        reference = references.setdefault(r.name, functools.cache(
+            lambda r=r, s=s: loop_reference(r, s, torch_dtype, torch_device, seed)))
+        result = run_case(r, i, s, torch_dtype, torch_device, backward=backward, chunk_size=chunk_size,
+                          naive_max_t=naive_max_t, repeats=repeats, seed=seed, fla=fla,
+                          reference=reference if check else None)
+        done[(s, r, i)] = result
+        tqdm.write(f"{s} {r.name} {i}: {result.status}, fwd {format_ms(result.fwd_ms)} ms, "
+                   f"fwd+bwd {format_ms(result.fwd_bwd_ms)} ms {result.note}".rstrip())
+        results = [done[case] for case in sorted(done, key=table_order)]
+        add_ratios(results)
+        report["results"] = [asdict(x) for x in results]
+        path.write_text(json.dumps(report, indent=2) + "\n")   # after every case: a cut-short run keeps its results
+
+    typer.echo(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | fla {env['fla'] or '-'} | "
+               f"{dtype} | timer: {timer}")
+    typer.echo(format_table(results))
     typer.echo(f"results written to {path}")
