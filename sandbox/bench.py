@@ -426,22 +426,18 @@ def bench_command(
         return shapes.index(shape_), rules.index(rule_), impls.index(impl_)
 
     def run_order(case: tuple[Shape, Rule, str]) -> tuple[int, int, int, int]:
-        """Per shape: the ratio's reference, our kernels, the chunk form, other fla, the loop; so that a run
-        cut short (time limit, crash) has already saved the cases that matter most."""
+        """The ratio's reference, our kernels, the chunk form, the loop, other fla (slow to autotune), each over
+        all shapes: a run cut short (time limit, crash) has already saved the cases that matter most."""
         shape_, rule_, impl_ = case
-        priority = 0 if (rule_.name, impl_) == REFERENCE else ("triton", "chunk", "fla", "naive").index(impl_) + 1
-        return shapes.index(shape_), priority, rules.index(rule_), impls.index(impl_)
+        priority = 0 if (rule_.name, impl_) == REFERENCE else ("triton", "chunk", "naive", "fla").index(impl_) + 1
+        return priority, shapes.index(shape_), rules.index(rule_), impls.index(impl_)
 
     cases = sorted(((s, r, i) for s in shapes for r in rules for i in impls), key=run_order)
     done: dict[tuple[Shape, Rule, str], CaseResult] = {}
-    references: dict[str, Callable[[], Tensor]] = {}      # per rule, for the current shape
-    current_shape = None
+    references: dict[tuple[Shape, str], Callable[[], Tensor]] = {}
     for s, r, i in tqdm(cases, desc="bench", unit="case"):
-        if s != current_shape:
-            references.clear()                             # frees the previous shape's loop outputs
-            current_shape = s
         # the loop's output is computed once per (shape, rule), and only if some impl of it runs
-        reference = references.setdefault(r.name, functools.cache(
+        reference = references.setdefault((s, r.name), functools.cache(
             lambda r=r, s=s: loop_reference(r, s, torch_dtype, torch_device, seed)))
         result = run_case(r, i, s, torch_dtype, torch_device, backward=backward, chunk_size=chunk_size,
                           naive_max_t=naive_max_t, repeats=repeats, seed=seed, fla=fla,
