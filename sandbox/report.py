@@ -44,7 +44,7 @@ class Ablation:
     @property
     def higher_is_better(self) -> bool:
         """From the runs' results.json (a task knows whether its metric is an accuracy or a loss)."""
-        directions = {row["higher_is_better"] for row in self.rows if row["status"] == "ok"}
+        directions = {row["higher_is_better"] for row in self.rows if row["status"] == "ok"} - {""}
         if len(directions) > 1:
             raise ValueError("the runs' metrics disagree on whether higher is better; summarise them separately")
         return directions.pop() if directions else True
@@ -321,8 +321,11 @@ def compare(run_a: str | Path, run_b: str | Path) -> str:
         rows.append(("(no results.json in " + ("A" if not results_a else "B") + ")", "", "", ""))
     for key in dict.fromkeys([*results_a, *results_b]):
         a, b = results_a.get(key, missing), results_b.get(key, missing)
-        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-            continue
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)) or (a == b and not numbers):
+            continue  # labels that agree say nothing; numbers are shown even when equal
+        if key == "final_metric" and results_a.get("metric_name") == results_b.get("metric_name"):
+            key = f"final_metric ({results_a['metric_name']})"
         rows.append((key, _cell(a), _cell(b), _difference(a, b)))
     widths = [max(len(row[i]) for row in rows if not row[0].startswith("(")) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()

@@ -7,6 +7,7 @@ checks the whole path: recipe -> run configs -> run folders -> summaries.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -135,6 +136,10 @@ def test_tiny_ablation_resume_failure_report_compare(tmp_path):
         assert (out / row["folder"] / "config.toml").is_file()
     failed_log = (out / rows[4]["log"]).read_text()
     assert "rule" in failed_log and failed_log.rstrip().endswith("exit code: 2")
+
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (out / "summary.png").is_file() == has_matplotlib
+    assert has_matplotlib or 'pip install -e ".[plot]"' in first.output
 
     summary = (out / "summary.md").read_text()
     delta = [json.loads((out / r["folder"] / "results.json").read_text())["final_metric"] for r in rows[:2]]
