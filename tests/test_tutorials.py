@@ -49,7 +49,8 @@ def test_every_chapter_is_collected():
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[path.name for path in CHAPTERS])
-def test_chapter_runs(path: Path):
+def test_chapter_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # whatever a chapter writes lands in a scratch folder, not in the checkout
     blocks = fenced_blocks(path.read_text(encoding="utf-8"))
     assert any(b.lang == "python" for b in blocks), f"{path.name}: no ```python block to run"
     namespace: dict = {"__name__": f"tutorial_{path.stem}"}
