@@ -220,3 +220,12 @@ def test_bad_parameters_of_each_task(name, args, message):
     with pytest.raises(ValueError) as error:
         create_task(name, args)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("count, low, high", [(40, 3, 50), (70, 0, 10_000)])  # ranking; redrawing (~20% of rows repeat)
+def test_sample_distinct_draws_distinct_values_in_range(count, low, high):
+    from sandbox.tasks.base import sample_distinct
+    samples = sample_distinct(256, count, low, high, torch.Generator().manual_seed(0))
+    assert samples.shape == (256, count) and samples.min() >= low and samples.max() < high
+    assert (samples.sort(dim=1).values.diff(dim=1) > 0).all()
+    assert torch.equal(samples, sample_distinct(256, count, low, high, torch.Generator().manual_seed(0)))
