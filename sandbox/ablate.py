@@ -55,6 +55,7 @@ import typer
 from tqdm import tqdm
 
 from sandbox.config import RunConfig, load_config, save_config
+from sandbox.train import CHECKPOINT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -253,17 +254,29 @@ def flatten(config: dict) -> dict:
     return flat
 
 
-def find_run_folder(runs_dir: Path, name: str) -> Path | None:
-    """The newest folder of this run that has results.json (`sandbox run` adds -1, -2 to a taken name)."""
+def run_folders(runs_dir: Path, name: str) -> list[Path]:
+    """The folders of this run, oldest first (`sandbox run` adds -1, -2 to a name already taken)."""
     pattern = re.compile(re.escape(name) + r"(-\d+)?")
-    candidates = [p for p in runs_dir.glob(name + "*") if pattern.fullmatch(p.name)]
-    candidates.sort(key=lambda p: int(p.name[len(name) + 1:] or 0))
-    finished = [p for p in candidates if (p / "results.json").is_file()]
+    folders = [p for p in runs_dir.glob(name + "*") if pattern.fullmatch(p.name)]
+    return sorted(folders, key=lambda p: int(p.name[len(name) + 1:] or 0))
+
+
+def find_run_folder(runs_dir: Path, name: str) -> Path | None:
+    """The newest folder of this run that has results.json."""
+    finished = [p for p in run_folders(runs_dir, name) if (p / "results.json").is_file()]
     return finished[-1] if finished else None
 
 
+def find_resumable(runs_dir: Path, name: str) -> Path | None:
+    """The newest folder of this run that stopped after a checkpoint (continued with `sandbox run --resume`)."""
+    folders = run_folders(runs_dir, name)
+    if folders and (folders[-1] / CHECKPOINT).is_file() and (folders[-1] / "config.toml").is_file():
+        return folders[-1]
+    return None
+
+
 def check_resume(run: PlannedRun, folder: Path) -> None:
-    """Refuse to reuse a finished run whose configuration no longer matches the recipe."""
+    """Refuse to reuse (or continue) a run whose configuration no longer matches the recipe."""
     done = flatten(load_config(folder / "config.toml"))
     for key, wanted in flatten(run.config).items():
         if key in done and done[key] != wanted:
@@ -306,14 +319,14 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def launch_run(config_path: Path, run_dir: Path, log_path: Path, gpu: int | None, threads: int | None) -> int:
-    """One `sandbox run` subprocess; its output goes to the log, its exit code is appended to it."""
+def launch_run(arguments: list[str], log_path: Path, gpu: int | None, threads: int | None) -> int:
+    """One `sandbox run ARGUMENTS` subprocess; its output goes to the log, its exit code is appended to it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    command = [sys.executable, "-m", "sandbox", "run", "--config", str(config_path), "--out", str(run_dir)]
+    command = [sys.executable, "-m", "sandbox", "run", *arguments]
     with open(log_path, "a") as log:  # append: an earlier failed attempt's log is kept
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         log.flush()
@@ -334,21 +347,28 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
     runs_dir = root / "runs"
 
     finished, pending = [], []
+    resumable: dict[str, Path] = {}
     for run in runs:
         folder = find_run_folder(runs_dir, run.name)
         if folder is not None:
             check_resume(run, folder)
             finished.append((run, json.loads((folder / "results.json").read_text())))
-        else:
-            pending.append(run)
+            continue
+        pending.append(run)
+        partial = find_resumable(runs_dir, run.name)
+        if partial is not None:
+            check_resume(run, partial)
+            resumable[run.name] = partial
 
     configurations = len(runs) // len(recipe.seeds)
+    from_checkpoint = f" ({len(resumable)} from a checkpoint)" if resumable else ""
     print(f"recipe {recipe.name}: {len(runs)} runs ({configurations} configurations x {len(recipe.seeds)} seeds), "
-          f"{len(finished)} finished, {len(pending)} to run, in {root}")
+          f"{len(finished)} finished, {len(pending)} to run{from_checkpoint}, in {root}")
     if dry_run:
         pending_names = {run.name for run in pending}
         for run in runs:
-            print(f"  {'pending' if run.name in pending_names else 'done   '}  {run.name}")
+            state = "resume " if run.name in resumable else "pending" if run.name in pending_names else "done   "
+            print(f"  {state}  {run.name}")
         seconds, basis = estimate_seconds(pending, finished, jobs)
         print(f"estimate: about {format_duration(seconds)} with --jobs {jobs} ({basis})")
         return root
@@ -373,9 +393,13 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
 
     def run_one(run: PlannedRun) -> int:
         slot = slots.get()
+        if run.name in resumable:
+            arguments = ["--resume", str(resumable[run.name].resolve())]
+        else:
+            arguments = ["--config", str((root / "configs" / f"{run.name}.toml").resolve()),
+                         "--out", str((runs_dir / run.name).resolve())]
         try:
-            return launch_run((root / "configs" / f"{run.name}.toml").resolve(), (runs_dir / run.name).resolve(),
-                              root / "logs" / f"{run.name}.log", slot % gpus if gpus > 1 else None, threads)
+            return launch_run(arguments, root / "logs" / f"{run.name}.log", slot % gpus if gpus > 1 else None, threads)
         finally:
             slots.put(slot)
 
@@ -383,10 +407,16 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
     with tqdm(total=len(runs), initial=len(runs) - len(pending), desc=f"ablate {recipe.name}", unit="run") as bar:
         try:
             with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for future in as_completed([pool.submit(run_one, run) for run in pending]):
-                    failed += future.result() != 0
-                    bar.set_postfix(failed=failed)
-                    bar.update()
+                futures = [pool.submit(run_one, run) for run in pending]
+                try:
+                    for future in as_completed(futures):
+                        failed += future.result() != 0
+                        bar.set_postfix(failed=failed)
+                        bar.update()
+                except BaseException:  # Ctrl-C: start no further runs (the running ones get the signal too)
+                    for future in futures:
+                        future.cancel()
+                    raise
         finally:
             write_summaries(root)
     if failed:

@@ -23,6 +23,8 @@ from sandbox.config import RunConfig, load_config
 
 RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss", "parameters", "state_size",
                   "tokens_per_second", "wall_seconds")
+# Exit codes of a run stopped by Ctrl-C: 130 (128 + SIGINT, what `sandbox run` returns) or killed by a signal.
+INTERRUPTED_CODES = {130, -2, -9, -15}
 # Keys that never make two runs different configurations.
 NOT_AXES = {"seed", "out", "device", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
 
@@ -51,11 +53,14 @@ class Ablation:
 
 
 def _read_status(log: Path) -> str:
-    """A run without results: 'failed' if its last attempt exited non-zero, 'interrupted' if it never ended."""
+    """A run without results: 'failed' if its last attempt exited with an error, 'interrupted' if it was
+    stopped by a signal (Ctrl-C) or never ended, 'not run' if it never started."""
     if not log.is_file():
         return "not run"
     lines = log.read_text(errors="replace").splitlines()
-    return "failed" if lines and lines[-1].startswith("exit code:") else "interrupted"
+    if lines and lines[-1].startswith("exit code:") and int(lines[-1].split(":")[1]) not in INTERRUPTED_CODES:
+        return "failed"
+    return "interrupted"
 
 
 def _row(root: Path, name: str, axes: list[str], config: dict, seed: int, folder: Path | None,

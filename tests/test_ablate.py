@@ -147,12 +147,16 @@ def test_tiny_ablation_resume_failure_report_compare(tmp_path):
     assert "| no_such_rule | - | - | - | - | - | 0/2 |" in summary
     assert "`rule=no_such_rule__seed=0` failed" in summary and "unknown rule 'no_such_rule'" in summary
 
-    # Resume: finished runs are not run again (their results stay untouched), failed ones are retried.
-    stamps = {r["folder"]: (out / r["folder"] / "results.json").stat().st_mtime_ns for r in rows[:4]}
+    # Resume: finished runs are not run again (their results stay untouched), failed ones are retried, and a
+    # run stopped after a checkpoint (here: its results.json removed) continues in its own folder.
+    stamps = {r["folder"]: (out / r["folder"] / "results.json").stat().st_mtime_ns for r in rows[:3]}
+    (out / rows[3]["folder"] / "results.json").unlink()
     second = invoke("ablate", recipe, "--out", out)
     assert second.exit_code == 0, second.output
-    assert "4 finished, 2 to run" in second.output
+    assert "3 finished, 3 to run (1 from a checkpoint)" in second.output
     assert {f: (out / f / "results.json").stat().st_mtime_ns for f in stamps} == stamps
+    assert (out / rows[3]["folder"] / "results.json").is_file()
+    assert "--resume" in (out / rows[3]["log"]).read_text()
     assert (out / rows[4]["log"]).read_text().count("exit code: 2") == 2
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(Path(r["folder"]).name for r in rows[:4])
 
