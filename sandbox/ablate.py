@@ -345,6 +345,10 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
     runs = plan_runs(recipe)
     root = Path(out) if out is not None else Path("ablations") / recipe.name
     runs_dir = root / "runs"
+    if (root / "plan.json").is_file():
+        earlier = json.loads((root / "plan.json").read_text())["recipe"]
+        if earlier != recipe.name:
+            raise ValueError(f"--out: {root} holds the ablation '{earlier}'; choose another folder for '{recipe.name}'")
 
     finished, pending = [], []
     resumable: dict[str, Path] = {}
@@ -360,7 +364,7 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
             check_resume(run, partial)
             resumable[run.name] = partial
 
-    configurations = len(runs) // len(recipe.seeds)
+    configurations = len({json.dumps(flatten(run.config) | {"seed": None}, sort_keys=True) for run in runs})
     from_checkpoint = f" ({len(resumable)} from a checkpoint)" if resumable else ""
     print(f"recipe {recipe.name}: {len(runs)} runs ({configurations} configurations x {len(recipe.seeds)} seeds), "
           f"{len(finished)} finished, {len(pending)} to run{from_checkpoint}, in {root}")
