@@ -1,0 +1,159 @@
+"""Training: the loss falls for every mixer, exact resume, the NaN stop, run folders, schedule and config."""
+
+import json
+
+import pytest
+import torch
+
+import sandbox.train as train_module
+from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config, save_config
+from sandbox.rules import list_rules
+from sandbox.tasks import create_task
+from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, new_run_folder, resume, train
+
+TINY_TASK = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2}
+
+
+def tiny_config(tmp_path, **overrides) -> RunConfig:
+    values = dict(task="mqar", task_args=TINY_TASK, d_model=16, layers=1, heads=2, batch_size=8, steps=30,
+                  lr=1e-2, warmup_steps=3, chunk_size=16, eval_every=10, eval_batches=1, log_every=1,
+                  checkpoint_every=10, device="cpu", out=str(tmp_path / "run"))
+    values.update(overrides)
+    return resolve_config(values)
+
+
+def train_losses(folder) -> list[float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("rule", list_rules() + ["attention"])
+def test_loss_falls_for_every_mixer(tmp_path, rule):
+    folder, results = train(tiny_config(tmp_path, rule=rule, lr=2e-2), progress=False)
+    losses = train_losses(folder)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert results["steps"] == 30 and results["rule"] == rule
+
+
+def interrupt_training_batch(monkeypatch, at_call: int) -> None:
+    """Make the ``at_call``-th training batch raise KeyboardInterrupt, as Ctrl-C in the middle of a step."""
+    task_class = type(create_task("mqar", TINY_TASK))
+    original, calls = task_class.batch, []
+
+    def batch(self, batch_size, generator, split="train"):
+        if split == "train":
+            calls.append(1)
+            if len(calls) == at_call:
+                raise KeyboardInterrupt
+        return original(self, batch_size, generator, split)
+
+    monkeypatch.setattr(task_class, "batch", batch)
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    config = dict(steps=16, checkpoint_every=8, eval_every=4, rule="momentum_delta")
+    whole, _ = train(tiny_config(tmp_path, out=str(tmp_path / "whole"), **config), progress=False)
+
+    with monkeypatch.context() as patch:
+        interrupt_training_batch(patch, at_call=12)   # interrupted at step 12, after the checkpoint at step 8
+        with pytest.raises(RunInterrupted, match="continue from step 8"):
+            train(tiny_config(tmp_path, out=str(tmp_path / "split"), **config), progress=False)
+    split = tmp_path / "split"
+    assert len(train_losses(split)) == 11   # steps 9..11 were logged and will be recomputed
+    resume(split, progress=False)
+
+    assert train_losses(split) == train_losses(whole)   # bit for bit
+    evals = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+              if '"eval"' in line] for folder in (whole, split)]
+    assert [e["loss"] for e in evals[0]] == [e["loss"] for e in evals[1]]
+    assert json.loads((split / "results.json").read_text())["final_loss"] == \
+        json.loads((whole / "results.json").read_text())["final_loss"]
+
+
+def test_resume_can_extend_steps_but_not_change_the_model(tmp_path):
+    folder, _ = train(tiny_config(tmp_path, steps=4, rule="gated_delta"), progress=False)
+    with pytest.raises(ValueError, match="d_model"):
+        resume(folder, {"d_model": 32}, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        resume(folder, {"steps": 2}, progress=False)
+    _, results = resume(folder, {"steps": 6}, progress=False)
+    assert results["steps"] == 6 and len(train_losses(folder)) == 6
+    assert load_config(folder / "config.toml")["steps"] == 6
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original, calls = train_module.language_model_loss, []
+
+    def loss_turning_nan(logits, targets):
+        calls.append(1)
+        loss = original(logits, targets)
+        return loss * float("nan") if len(calls) >= 7 else loss
+
+    monkeypatch.setattr(train_module, "language_model_loss", loss_turning_nan)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 7") as error:
+        train(tiny_config(tmp_path, checkpoint_every=2, eval_every=100, rule="delta"), progress=False)
+    assert "checkpoint" in str(error.value)
+    folder = tmp_path / "run"
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert not (folder / "results.json").exists()
+
+
+def test_existing_folder_gets_a_suffix(tmp_path):
+    config = RunConfig()
+    first = new_run_folder(str(tmp_path / "run"), config)
+    (first / "keep.txt").write_text("earlier run")
+    second = new_run_folder(str(tmp_path / "run"), config)
+    third = new_run_folder(str(tmp_path / "run"), config)
+    assert (first.name, second.name, third.name) == ("run", "run-1", "run-2")
+    assert (first / "keep.txt").read_text() == "earlier run"
+
+
+def test_lr_schedule_warmup_then_cosine_to_a_tenth():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.1)
+    assert all(lr_factor(s, 10, 100) >= lr_factor(s + 1, 10, 100) for s in range(10, 100))
+
+
+def test_config_round_trip_and_layering(tmp_path):
+    config = resolve_config({"rule": "delta", "task_args": {"num_kv_pairs": 2, "vocab_size": 32},
+                             "lr": 0.002, "short_conv": False, "out": "somewhere"})
+    path = tmp_path / "config.toml"
+    save_config(config, path)
+    assert resolve_config(load_config(path)) == config
+    # flags override the file; task_args merge key by key
+    layered = resolve_config(load_config(path), {"lr": 0.01, "task_args": {"num_kv_pairs": 3}})
+    assert layered.lr == 0.01 and layered.rule == "delta"
+    assert layered.task_args == {"num_kv_pairs": 3, "vocab_size": 32}
+    assert "[task_args]" in config_to_toml(config)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bogus = 1\n", "bogus"),
+    ("steps = 'many'\n", "steps"),
+    ("short_conv = 1\n", "short_conv"),
+    ("rule = \n", "not valid TOML"),
+])
+def test_bad_config_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rule": "nope"}, "rule"), ({"d_model": 30, "heads": 4}, "d_model"), ({"impl": "fast"}, "impl"),
+    ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"device": "gpu"}, "device"), ({"chunk_size": 48}, "chunk_size"),
+])
+def test_bad_values_name_the_field(values, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config(values)
+
+
+def test_bad_task_argument_fails_before_a_folder_is_created(tmp_path):
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        train(tiny_config(tmp_path, task_args={"num_kv_pairs": "x"}), progress=False)
+    assert not (tmp_path / "run").exists()
