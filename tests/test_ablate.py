@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 from sandbox.ablate import load_recipe, plan_runs
 from sandbox.cli import app
+from sandbox.config import resolve_config
 from sandbox.report import compare, load_ablation
+from sandbox.train import build_model, resolve_task
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -106,11 +108,26 @@ stability_constraint = [true, false]
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_recipes_parse(path):
+def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     runs = plan_runs(recipe)
     assert len(runs) >= len(recipe.seeds) * 2
     assert len({run.name for run in runs}) == len(runs)
+    models = set()
+    for run in runs:  # every run's config, task arguments and model pass the checks `sandbox run` makes
+        config, task = resolve_task(resolve_config(run.config))
+        shape = (config.rule, task.vocab_size, config.d_model, config.layers, config.heads)
+        if shape not in models:
+            models.add(shape)
+            build_model(config, task, impl="chunk")
+
+
+def test_text_recipe_matches_parameter_counts():
+    counts = {}
+    for run in plan_runs(load_recipe(RECIPES / "text.toml")):
+        config, task = resolve_task(resolve_config(run.config))
+        counts[config.rule] = build_model(config, task, impl="chunk").parameter_count()
+    assert len(counts) == 7 and max(counts.values()) / min(counts.values()) < 1.04, counts
 
 
 def test_tiny_ablation_resume_failure_report_compare(tmp_path):
