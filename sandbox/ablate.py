@@ -377,18 +377,20 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
         print(f"estimate: about {format_duration(seconds)} with --jobs {jobs} ({basis})")
         return root
 
+    import torch
+    gpus = torch.cuda.device_count()
+    machine = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"CPU, {os.cpu_count()} cores"
+
     for sub in ("configs", "logs", "runs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
-            "select_best": recipe.select_best, "plot_x": recipe.plot_x,
+            "select_best": recipe.select_best, "plot_x": recipe.plot_x, "machine": machine,
             "runs": [{"name": r.name, "axes": r.axes, "seed": r.seed, "config": r.config} for r in runs]}
     (root / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     for run in pending:
         # Unchecked on purpose: `sandbox run` checks the values, so one bad grid point fails alone.
         save_config(RunConfig(**{**RunConfig().to_dict(), **run.config}), root / "configs" / f"{run.name}.toml")
 
-    import torch
-    gpus = torch.cuda.device_count()
     # Parallel runs share the CPU cores; more threads than cores makes small models many times slower.
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else None
     slots: queue.Queue[int] = queue.Queue()
@@ -402,8 +404,10 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
         else:
             arguments = ["--config", str((root / "configs" / f"{run.name}.toml").resolve()),
                          "--out", str((runs_dir / run.name).resolve())]
+        # Spread runs over the GPUs, unless the config names one itself (cuda:N).
+        gpu = slot % gpus if gpus > 1 and run.config.get("device", "auto") in ("auto", "cuda") else None
         try:
-            return launch_run(arguments, root / "logs" / f"{run.name}.log", slot % gpus if gpus > 1 else None, threads)
+            return launch_run(arguments, root / "logs" / f"{run.name}.log", gpu, threads)
         finally:
             slots.put(slot)
 

@@ -18,11 +18,11 @@ from typing import Annotated
 
 import typer
 
-from sandbox.ablate import find_run_folder, flatten, format_value
+from sandbox.ablate import find_run_folder, flatten, format_duration, format_value
 from sandbox.config import RunConfig, load_config
 
 RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss", "parameters", "state_size",
-                  "tokens_per_second", "wall_seconds")
+                  "tokens_per_second", "wall_seconds", "device", "impl")
 # Exit codes of a run stopped by Ctrl-C: 130 (128 + SIGINT, what `sandbox run` returns) or killed by a signal.
 INTERRUPTED_CODES = {130, -2, -9, -15}
 # Keys that never make two runs different configurations.
@@ -36,6 +36,7 @@ class Ablation:
     axes: list[str]            # swept keys, seed excluded
     select_best: str | None
     plot_x: str | None
+    machine: str = ""          # the accelerator (or CPU) the ablation was last launched on
     rows: list[dict] = field(default_factory=list)  # one per run: name, axes..., seed, status, results, folder, log
 
     @property
@@ -86,7 +87,8 @@ def load_ablation(root: str | Path) -> Ablation:
     plan_path = root / "plan.json"
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
-        ablation = Ablation(plan["recipe"], plan["description"], plan["axes"], plan["select_best"], plan["plot_x"])
+        ablation = Ablation(plan["recipe"], plan["description"], plan["axes"], plan["select_best"], plan["plot_x"],
+                            plan["machine"])
         for run in plan["runs"]:
             folder = find_run_folder(root / "runs", run["name"])
             config = dict(defaults, **flatten(run["config"]))
@@ -205,6 +207,12 @@ def summary_markdown(ablation: Ablation, root: Path) -> str:
         lines += [ablation.description, ""]
     lines += [f"{len(ablation.rows)} runs: {counts}. Final {metric} ({direction} is better) and loss are the "
               "mean ± standard deviation over the seeds that finished.", ""]
+    finished = [row for row in ablation.rows if row["status"] == "ok"]
+    if finished:
+        where = ", ".join(sorted({f"{row['device']} with {row['impl']}" for row in finished}))
+        machine = f" ({ablation.machine})" if ablation.machine else ""
+        total = format_duration(sum(float(row["wall_seconds"]) for row in finished))
+        lines += [f"Runs on {where}{machine}; {total} of training summed over runs.", ""]
     if ablation.select_best:
         lines += [f"## Best {ablation.select_best} per configuration (by mean final {metric})", ""]
         lines += _markdown_table(ablation, select_best(ablation, configurations), ablation.select_best) + [""]
