@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,18 +147,19 @@ def group(ablation: Ablation) -> list[Configuration]:
 
 
 def select_best(ablation: Ablation, configurations: list[Configuration]) -> list[Configuration]:
-    """For each setting of the other axes, the configuration whose value of ``select_best`` scores best."""
+    """For each setting of the other axes, the configuration whose value of ``select_best`` scores best
+    (by mean final metric; ties, such as several learning rates at accuracy 1.0, go to the lower loss)."""
     axis = ablation.select_best
     sign = -1 if ablation.higher_is_better else 1
+
+    def badness(configuration: Configuration) -> tuple[float, float]:
+        metric, loss = configuration.mean("final_metric"), configuration.mean("final_loss")
+        return (math.inf if metric is None else sign * metric, math.inf if loss is None else loss)
+
     best: dict[str, Configuration] = {}
     for configuration in configurations:
         others = json.dumps({k: v for k, v in configuration.axes.items() if k != axis}, sort_keys=True, default=str)
-        score = configuration.mean("final_metric")
-        if score is None:
-            best.setdefault(others, configuration)
-            continue
-        current = best.get(others)
-        if current is None or current.mean("final_metric") is None or sign * score < sign * current.mean("final_metric"):
+        if others not in best or badness(configuration) < badness(best[others]):
             best[others] = configuration
     return list(best.values())
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sandbox.ablate import load_recipe, plan_runs
 from sandbox.cli import app
 from sandbox.config import resolve_config
-from sandbox.report import compare, load_ablation
+from sandbox.report import Ablation, compare, group, load_ablation, select_best
 from sandbox.train import build_model, resolve_task
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -203,3 +203,22 @@ def test_tiny_ablation_resume_failure_report_compare(tmp_path):
     assert result.exit_code == 0 and result.output.strip() == text
     bad = invoke("compare", run_a, tmp_path)
     assert bad.exit_code == 2 and bad.output.startswith("error: RUN_B")
+
+
+def test_select_best_per_configuration():
+    def row(rule, lr, seed, metric, loss, higher_is_better=True):
+        return {"rule": rule, "lr": lr, "seed": seed, "status": "ok", "metric_name": "m", "final_metric": metric,
+                "final_loss": loss, "higher_is_better": higher_is_better}
+
+    ablation = Ablation("t", "", ["rule", "lr"], "lr", None, rows=[
+        row("delta", 0.01, 0, 0.5, 1.0), row("delta", 0.01, 1, 0.7, 1.0),   # mean 0.6
+        row("delta", 0.1, 0, 0.9, 0.5), row("delta", 0.1, 1, 0.1, 0.5),     # mean 0.5
+        row("linear", 0.01, 0, 1.0, 0.2), row("linear", 0.1, 0, 1.0, 0.1),  # tie: lower loss wins
+    ])
+    best = select_best(ablation, group(ablation))
+    assert [(c.axes["rule"], c.axes["lr"]) for c in best] == [("delta", 0.01), ("linear", 0.1)]
+    assert best[0].mean("final_metric") == pytest.approx(0.6) and best[0].std("final_metric") == pytest.approx(0.1414, abs=1e-4)
+    for r in ablation.rows:  # the same numbers as a loss-like metric: the lowest mean wins
+        r["higher_is_better"] = False
+    best = select_best(ablation, group(ablation))
+    assert [(c.axes["rule"], c.axes["lr"]) for c in best] == [("delta", 0.1), ("linear", 0.1)]
