@@ -57,8 +57,8 @@ def run_tests(out: Path, jobs: int, select: str | None) -> int:
     return returncode
 
 
-def time_rule(name: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
-    """Median ms of the forward and of forward+backward, bf16 inputs, float32 gates, no states."""
+def training_step(name: str, B: int, T: int, H: int, D: int):
+    """A closure running forward+backward of one rule (bf16 inputs, float32 gates, no states), and its leaves."""
     rule = get_rule(name)
     device = "cuda"
     q = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -76,10 +76,32 @@ def time_rule(name: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
     def forward_backward():
         forward().backward(do)
 
+    return forward, forward_backward, leaves
+
+
+def time_rule(name: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
+    """Median ms of the forward and of forward+backward."""
+    forward, forward_backward, leaves = training_step(name, B, T, H, D)
     with torch.no_grad():
         fwd = triton.testing.do_bench(forward)
     fwd_bwd = triton.testing.do_bench(forward_backward, grad_to_none=leaves)
     return fwd, fwd_bwd
+
+
+def profile_rules(out: Path) -> None:
+    """Per-kernel CUDA time of one forward+backward per rule and shape (torch.profiler)."""
+    lines = []
+    for name in RULES:
+        for shape in SHAPES:
+            _, forward_backward, _ = training_step(name, *shape)
+            forward_backward()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                forward_backward()
+                torch.cuda.synchronize()
+            lines += [f"## {name} {shape}", prof.key_averages().table(sort_by="device_time_total", row_limit=12)]
+    (out / "kernel_profile.txt").write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 def run_timings(out: Path) -> None:
@@ -102,6 +124,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the result files")
     parser.add_argument("--skip-tests", action="store_true", help="only the timing table")
     parser.add_argument("--skip-timings", action="store_true", help="only the tests")
+    parser.add_argument("--profile", action="store_true", help="also a per-kernel profile of each rule")
     parser.add_argument("--jobs", type=int, default=6, help="parallel pytest processes")
     parser.add_argument("--select", help="pytest -k expression to run a subset of the GPU tests")
     args = parser.parse_args()
@@ -111,6 +134,8 @@ def main() -> None:
     status = 0 if args.skip_tests else run_tests(args.out, args.jobs, args.select)
     if not args.skip_timings:
         run_timings(args.out)
+    if args.profile:
+        profile_rules(args.out)
     sys.exit(status)
 
 

@@ -52,6 +52,11 @@ def test_gpu_kernels_small_chunks(rule_name, chunk_size):
     check_on_gpu(rule_name, T=1000, D=100, dtype=torch.bfloat16, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("rule_name", ["gated_delta", "momentum_delta"])
+def test_gpu_kernels_largest_heads(rule_name):
+    check_on_gpu(rule_name, T=200, D=256, dtype=torch.bfloat16, chunk_size=64)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rule_name", MOMENTUM_RULES)
 def test_gpu_kernels_momentum_much_faster_than_state_decay(rule_name, dtype):

@@ -55,13 +55,16 @@ def _launch_config(q: Tensor, K: int, V: int) -> dict:
     BK = max(16, triton.next_power_of_2(K))
     if q.is_cuda:
         BV = min(max(16, triton.next_power_of_2(V)), 32 if BK <= 128 else 16)
-        extra = {"num_warps": 4}
+        # One stage: software-pipelining the V-tile loops would multiply the state tiles in shared memory.
+        extra = {"num_warps": 4, "num_stages": 1}
     else:
         BV = max(16, triton.next_power_of_2(V))
         extra = {}
     # float32 inputs get exact float32 products; half inputs tf32 (well inside their own rounding).
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    return {"BK": BK, "BV": BV, "PREC": prec, "extra": extra}
+    # The per-chunk backward holds many C x BK tiles: smaller V tiles keep it inside shared memory.
+    BV_chunk = min(BV, 16) if q.is_cuda and BK >= 128 else BV
+    return {"BK": BK, "BV": BV, "BV_chunk": BV_chunk, "PREC": prec, "extra": extra}
 
 
 class ChunkRuleFunction(torch.autograd.Function):
@@ -144,7 +147,7 @@ class ChunkRuleFunction(torch.autograd.Function):
                    for name, g in zip(GATES, (gA, b, gM, e))}
         backward_chunk_kernel[(N, B * H)](q, k, v, do, gA, b, gM, e, u, dr, s_chunks, m_chunks, ds_chunks,
                                           dm_chunks, dq, dk, *d_gates.values(), scale, T, H, K, V, N,
-                                          C=C, BK=cfg["BK"], BV=cfg["BV"], DELTA=rule.delta,
+                                          C=C, BK=cfg["BK"], BV=cfg["BV_chunk"], DELTA=rule.delta,
                                           PREC=cfg["PREC"], **switches, **cfg["extra"])
 
         grads = []

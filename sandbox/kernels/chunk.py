@@ -136,10 +136,36 @@ def _chunk_end(gA, b, gM, MOMENTUM: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverse(Amat):
+    """``(I + Amat)^-1`` for a strictly lower ``Amat``, by forward substitution in exact float32 products.
+
+    First the 16 x 16 diagonal blocks, all at once, one row of each per step (row i of a block is
+    e_i - sum_{j<i} Amat[i, j] X[j, :], with its rows j < i already final); then block forward substitution
+    across the blocks, X_b = Td_bb (E_b - L_b X), where L is the part of Amat below the diagonal blocks.
+    Every step is a ``tl.dot`` with masked operands: no cross-thread reductions in the serial chain.
+    """
+    C: tl.constexpr = Amat.shape[0]
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    eye = tl.where(r == c, 1.0, 0.0)
+    same_block = (r // 16) == (c // 16)
+    diagonal_blocks = tl.where(same_block, Amat, 0.0)
+    Td = eye
+    for i in range(1, 16):
+        Td -= tl.dot(tl.where(r % 16 == i, diagonal_blocks, 0.0), Td, input_precision="ieee")
+    below_blocks = tl.where(same_block, 0.0, Amat)
+    X = tl.where(r // 16 == 0, Td, 0.0)
+    for block in range(1, C // 16):
+        rhs = tl.where(r // 16 == block, eye - tl.dot(below_blocks, X, input_precision="ieee"), 0.0)
+        X += tl.dot(Td, rhs, input_precision="ieee")
+    return X
+
+
+@triton.jit
 def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
                    C: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, BETA: tl.constexpr,
                    MOMENTUM: tl.constexpr):
-    """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` by forward substitution in exact float32."""
+    """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` (exact float32 products)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -155,14 +181,9 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
     kk = k * e[:, None]
     Amat = Gs * tl.dot(k, tl.trans(kk), input_precision="ieee")
 
-    # Row i of Tm is e_i - sum_{j<i} Amat[i, j] Tm[j, :]; rows j < i are final when row i is formed.
+    Tm = _unit_lower_inverse(Amat)
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
-    Tm = tl.where(r == c, 1.0, 0.0)
-    for i in range(1, C):
-        a_i = tl.sum(tl.where(r == i, Amat, 0.0), axis=0)          # Amat[i, :], zero from column i on
-        row = -tl.sum(a_i[:, None] * Tm, axis=0)
-        Tm = tl.where(r == i, Tm + row[None, :], Tm)
     tl.store(tm_ptr + (tl.cast(i_bh, tl.int64) * N + i_n) * C * C + r * C + c, Tm)
 
 
