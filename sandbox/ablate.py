@@ -204,10 +204,10 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def format_value(value: object) -> str:
-    """A value as it appears in folder names and tables: ``true``, ``0.001``, ``delta``."""
+    """A value as it appears in folder names and tables: ``true``, ``0.001``, ``delta``; unset is ``-``."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return "-" if value is None or value == "" else str(value)
 
 
 def run_name(axes: dict, seed: int) -> str:

@@ -27,7 +27,8 @@ RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss
 # Exit codes of a run stopped by Ctrl-C: 130 (128 + SIGINT, what `sandbox run` returns) or killed by a signal.
 INTERRUPTED_CODES = {130, -2, -9, -15}
 # Keys that never make two runs different configurations.
-NOT_AXES = {"seed", "out", "device", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
+NOT_AXES = {"seed", "out", "device", "impl", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
+MAX_PLOT_LINES = 12
 
 
 @dataclass
@@ -259,30 +260,45 @@ def write_plot(ablation: Ablation, path: Path) -> bool:
     x_values = list(dict.fromkeys(c.axes[x_axis] for c in configurations))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values)
     panels = list(dict.fromkeys(c.axes[panel_axis] for c in configurations)) if panel_axis else [None]
+    lines = len({tuple(c.axes[a] for a in series_axes) for c in configurations})
+    if lines > MAX_PLOT_LINES:
+        print(f"summary.png skipped: {lines} lines per panel are too many to read; "
+              "summarise fewer runs, or an ablation folder whose recipe sets plot_x")
+        return False
+    def label(c: Configuration) -> str:
+        return ", ".join(f"{a.removeprefix('task_args.')}={format_value(c.axes[a])}" for a in series_axes)
+
+    labels = list(dict.fromkeys(label(c) for c in configurations))  # one colour per line, the same in every panel
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         in_panel = [c for c in configurations if panel_axis is None or c.axes[panel_axis] == panel]
-        series: dict[str, list[Configuration]] = {}
-        for c in in_panel:
-            label = ", ".join(f"{a.removeprefix('task_args.')}={format_value(c.axes[a])}" for a in series_axes)
-            series.setdefault(label, []).append(c)
-        for label, members in series.items():
-            members.sort(key=lambda c: x_values.index(c.axes[x_axis]))
-            xs = [c.axes[x_axis] if numeric else x_values.index(c.axes[x_axis]) for c in members]
+        for index, name in enumerate(labels):
+            members = sorted((c for c in in_panel if label(c) == name), key=lambda c: x_values.index(c.axes[x_axis]))
+            if not members:
+                continue
+            # Categories: shift each line a little sideways so that error bars at one category do not overlap.
+            xs = [c.axes[x_axis] if numeric else x_values.index(c.axes[x_axis]) + 0.08 * (index - (len(labels) - 1) / 2)
+                  for c in members]
             ax.errorbar(xs, [c.mean("final_metric") for c in members], yerr=[c.std("final_metric") for c in members],
-                        marker="o", capsize=3, linestyle="-" if numeric else "none", label=label or None)
+                        color=f"C{index % 10}", marker="o", capsize=3, linestyle="-" if numeric else "none",
+                        label=name or None)
         if numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
             ax.set_xscale("log", base=2)
         if not numeric:
             ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values], rotation=30, ha="right")
         ax.set_xlabel(x_axis.removeprefix("task_args."))
-        ax.set_ylabel(f"final {ablation.metric_name}")
+        best = f", best {ablation.select_best}" if ablation.select_best else ""
+        ax.set_ylabel(f"final {ablation.metric_name} (mean ± std over seeds{best})")
         ax.set_title(f"{ablation.name}" + (f": {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
-        if len(series) > 1 or series_axes:
-            ax.legend(fontsize=8)
+    if series_axes:
+        handles = {}
+        for ax in axes[0]:
+            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+        figure.legend([handles[n] for n in labels if n in handles], [n for n in labels if n in handles],
+                      fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True
 
