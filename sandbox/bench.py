@@ -426,10 +426,11 @@ def bench_command(
         return shapes.index(shape_), rules.index(rule_), impls.index(impl_)
 
     def run_order(case: tuple[Shape, Rule, str]) -> tuple[int, int, int, int]:
-        """The ratio's reference, our kernels, the chunk form, the loop, other fla (slow to autotune), each over
+        """Our kernels, the ratio's reference, the chunk form, the loop, other fla (slow to autotune), each over
         all shapes: a run cut short (time limit, crash) has already saved the cases that matter most."""
         shape_, rule_, impl_ = case
-        priority = 0 if (rule_.name, impl_) == REFERENCE else ("triton", "chunk", "naive", "fla").index(impl_) + 1
+        order = ("triton", REFERENCE, "chunk", "naive", "fla")
+        priority = order.index((rule_.name, impl_) if (rule_.name, impl_) == REFERENCE else impl_)
         return priority, shapes.index(shape_), rules.index(rule_), impls.index(impl_)
 
     cases = sorted(((s, r, i) for s in shapes for r in rules for i in impls), key=run_order)
