@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
-import typer
 import torch.nn.functional as F
+import typer
 from torch import Tensor
 from tqdm import tqdm
 
@@ -135,8 +135,12 @@ class Trainer:
         self.checkpoint_step: int | None = None
         self.train_seconds = 0.0      # time spent in training steps, summed over resumed sessions
         self.wall_seconds = 0.0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else nullcontext())
+
+    def autocast(self):
+        """bf16 autocast on GPU (the rule kernels take bf16 q, k, v; gates stay float32); full precision on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     def start(self, folder: Path, resume: bool = False) -> None:
         """Attach the run folder (loading its checkpoint when resuming) and open the TensorBoard writer."""
@@ -209,7 +213,7 @@ class Trainer:
         for _ in range(self.config.eval_batches):
             inputs, targets = self.task.batch(self.config.batch_size, generator, split="eval")
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self.autocast:
+            with self.autocast():
                 logits, _ = self.model(inputs)
             losses.append(language_model_loss(logits, targets).item())
             metrics.append(self.task.metric(logits.float(), targets))
@@ -220,7 +224,7 @@ class Trainer:
         inputs, targets = self.task.batch(self.config.batch_size, self.generator, split="train")
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         self.model.set_record_stats(record_stats)
-        with self.autocast:
+        with self.autocast():
             logits, _ = self.model(inputs)
         loss = language_model_loss(logits, targets)
         if not torch.isfinite(loss):
