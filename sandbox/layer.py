@@ -41,10 +41,12 @@ class MixerState(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def triton_works(device: torch.device) -> tuple[bool, str]:
-    """Whether ``rule.triton`` runs here and agrees with ``rule.chunk`` on a tiny problem (with the reason).
+def triton_works(device: torch.device, chunk_size: int = 64) -> tuple[bool, str]:
+    """Whether ``rule.triton`` runs here and agrees with ``rule.chunk``, forward and backward, on a tiny problem.
 
-    Cached per device: the first call compiles the kernels."""
+    Returns the verdict and the reason. The backward matters: known compiler bugs (Triton 3.4 to 3.7.0 on
+    Hopper) break only gradients. Cached per device and chunk size: the first call compiles the kernels.
+    """
     from sandbox.rules import get_rule
 
     rule = get_rule("momentum_delta")
@@ -53,27 +55,37 @@ def triton_works(device: torch.device) -> tuple[bool, str]:
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=generator).to(device)
 
-    B, T, H, K = 1, 40, 2, 16
-    q, k, v = rand(B, T, H, K), F.normalize(rand(B, T, H, K), dim=-1), rand(B, T, H, K)
-    gates = {"log_alpha": -rand(B, T, H).abs() * 0.1, "beta": rand(B, T, H).sigmoid(),
-             "log_mu": -rand(B, T, H).abs() * 0.5, "eta": rand(B, T, H).sigmoid() + 0.5}
+    B, T, H, K = 1, chunk_size + 17, 2, 16   # one whole chunk and a partial one
+    inputs = {"q": rand(B, T, H, K), "k": F.normalize(rand(B, T, H, K), dim=-1), "v": rand(B, T, H, K),
+              "log_alpha": -rand(B, T, H).abs() * 0.1, "beta": rand(B, T, H).sigmoid(),
+              "log_mu": -rand(B, T, H).abs() * 0.5, "eta": rand(B, T, H).sigmoid() + 0.5}
+    output_weights = rand(B, T, H, K)
+
+    def outputs_and_gradients(run) -> list[Tensor]:
+        leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
+        o, _ = run(chunk_size=chunk_size, **leaves)
+        (o.float() * output_weights).sum().backward()
+        return [o.float()] + [leaves[name].grad.float() for name in inputs]
+
     try:
-        got, _ = rule.triton(q, k, v, chunk_size=16, **gates)
+        got = outputs_and_gradients(rule.triton)
     except Exception as error:  # any failure (import, compile, launch) means "use the chunk form"
         first_line = (str(error).strip().splitlines() or [""])[0]
         return False, f"{type(error).__name__}: {first_line}"[:200]
-    want, _ = rule.chunk(q, k, v, chunk_size=16, **gates)
-    error = ((got.float() - want).norm() / want.norm()).item()
-    if not error < 1e-2:
-        return False, f"triton output differs from the chunk form (relative error {error:.2e})"
-    return True, f"triton matches the chunk form (relative error {error:.1e})"
+    want = outputs_and_gradients(rule.chunk)
+    errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+    worst = max(range(len(errors)), key=lambda i: errors[i])
+    name = (["output"] + [f"d{n}" for n in inputs])[worst]
+    if not errors[worst] < 1e-2:
+        return False, f"triton differs from the chunk form in {name} (relative error {errors[worst]:.2e})"
+    return True, f"triton matches the chunk form, forward and backward (worst relative error {errors[worst]:.1e})"
 
 
 def resolve_impl(impl: str, device: torch.device, chunk_size: int) -> str:
     """``auto`` becomes ``triton`` on CUDA when the kernels work there (and take this chunk size), else ``chunk``."""
     if impl != "auto":
         return impl
-    if device.type == "cuda" and chunk_size in (16, 32, 64) and triton_works(device)[0]:
+    if device.type == "cuda" and chunk_size in (16, 32, 64) and triton_works(device, chunk_size)[0]:
         return "triton"
     return "chunk"
 

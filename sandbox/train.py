@@ -66,7 +66,7 @@ def choose_impl(config: RunConfig, device: torch.device) -> str:
     if config.impl == "triton":
         if config.chunk_size not in (16, 32, 64):
             raise ValueError(f"chunk_size: the triton kernels take 16, 32 or 64, got {config.chunk_size}")
-        works, reason = triton_works(device)
+        works, reason = triton_works(device, config.chunk_size)
         if not works:
             raise ValueError(f"impl: the triton kernels do not run on {device} here ({reason}); "
                              "use --impl chunk, or a GPU (or TRITON_INTERPRET=1 on CPU, slow)")
