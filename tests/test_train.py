@@ -157,3 +157,17 @@ def test_bad_task_argument_fails_before_a_folder_is_created(tmp_path):
     with pytest.raises(ValueError, match="num_kv_pairs"):
         train(tiny_config(tmp_path, task_args={"num_kv_pairs": "x"}), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["momentum_delta", "attention"])
+def test_gpu_run_in_bf16_with_the_automatic_implementation(tmp_path, rule):
+    folder, results = train(tiny_config(tmp_path, rule=rule, lr=2e-2, device="cuda", impl="auto", chunk_size=16),
+                            progress=False)
+    losses = train_losses(folder)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert results["device"].startswith("cuda")
+    assert results["impl"] == ("sdpa" if rule == "attention" else "triton")   # the kernels pass their self-test
+    resumed, _ = resume(folder, {"steps": 32}, progress=False)
+    assert len(train_losses(resumed)) == 32
