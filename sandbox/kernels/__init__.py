@@ -60,11 +60,11 @@ def _launch_config(q: Tensor, K: int, V: int) -> dict:
     else:
         BV = max(16, triton.next_power_of_2(V))
         extra = {}
-    # float32 inputs get exact float32 products; half inputs tf32 (well inside their own rounding).
-    prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    # The per-chunk backward holds many C x BK tiles: smaller V tiles keep it inside shared memory.
-    BV_chunk = min(BV, 16) if q.is_cuda and BK >= 128 else BV
-    return {"BK": BK, "BV": BV, "BV_chunk": BV_chunk, "PREC": prec, "extra": extra}
+    # float32 inputs get float32-accurate products (tf32x3); half inputs tf32 (well inside their own rounding).
+    prec = "tf32x3" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    # The per-chunk backward holds many C x K tiles: it takes K in tiles of at most 64.
+    BK_chunk = min(BK, 64)
+    return {"BK": BK, "BV": BV, "BK_chunk": BK_chunk, "PREC": prec, "extra": extra}
 
 
 class ChunkRuleFunction(torch.autograd.Function):
@@ -143,17 +143,22 @@ class ChunkRuleFunction(torch.autograd.Function):
 
         dq = torch.empty(B, T, H, K, **f32)
         dk = torch.empty(B, T, H, K, **f32)
-        d_gates = {name: (torch.empty_like(g) if g is not None else None)
+        k_tiles = triton.cdiv(K, cfg["BK_chunk"])
+        d_gates = {name: (torch.empty(k_tiles, *g.shape, **f32) if g is not None else None)
                    for name, g in zip(GATES, (gA, b, gM, e))}
-        backward_chunk_kernel[(N, B * H)](q, k, v, do, gA, b, gM, e, u, dr, s_chunks, m_chunks, ds_chunks,
-                                          dm_chunks, dq, dk, *d_gates.values(), scale, T, H, K, V, N,
-                                          C=C, BK=cfg["BK"], BV=cfg["BV_chunk"], DELTA=rule.delta,
-                                          PREC=cfg["PREC"], **switches, **cfg["extra"])
+        backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, u, dr, s_chunks, m_chunks,
+                                                   ds_chunks, dm_chunks, dq, dk, *d_gates.values(), scale,
+                                                   T, H, K, V, N, C=C, BK=cfg["BK_chunk"], BV=cfg["BV"],
+                                                   DELTA=rule.delta, PREC=cfg["PREC"], **switches,
+                                                   **cfg["extra"])
 
         grads = []
         for name, gate in zip(GATES, (log_alpha, beta, log_mu, eta)):
-            grad = d_gates[name]
-            grads.append(None if gate is None else _gate_grad(grad, gate, C, log_cumsum=name.startswith("log")))
+            if gate is None:
+                grads.append(None)
+                continue
+            grad = d_gates[name].sum(0)                 # the K tiles' shares
+            grads.append(_gate_grad(grad, gate, C, log_cumsum=name.startswith("log")))
         dS_init_out = None if S_init is None else dS_init
         dM_init_out = None if M_init is None else dM_init
         return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dr.to(v.dtype), *grads,

@@ -142,7 +142,8 @@ def _unit_lower_inverse(Amat):
     First the 16 x 16 diagonal blocks, all at once, one row of each per step (row i of a block is
     e_i - sum_{j<i} Amat[i, j] X[j, :], with its rows j < i already final); then block forward substitution
     across the blocks, X_b = Td_bb (E_b - L_b X), where L is the part of Amat below the diagonal blocks.
-    Every step is a ``tl.dot`` with masked operands: no cross-thread reductions in the serial chain.
+    Every step is a ``tl.dot`` with masked operands (tf32x3: float32 accuracy on tensor cores), so the
+    serial chain has no cross-thread reductions.
     """
     C: tl.constexpr = Amat.shape[0]
     r = tl.arange(0, C)[:, None]
@@ -152,12 +153,12 @@ def _unit_lower_inverse(Amat):
     diagonal_blocks = tl.where(same_block, Amat, 0.0)
     Td = eye
     for i in range(1, 16):
-        Td -= tl.dot(tl.where(r % 16 == i, diagonal_blocks, 0.0), Td, input_precision="ieee")
+        Td -= tl.dot(tl.where(r % 16 == i, diagonal_blocks, 0.0), Td, input_precision="tf32x3")
     below_blocks = tl.where(same_block, 0.0, Amat)
     X = tl.where(r // 16 == 0, Td, 0.0)
     for block in range(1, C // 16):
-        rhs = tl.where(r // 16 == block, eye - tl.dot(below_blocks, X, input_precision="ieee"), 0.0)
-        X += tl.dot(Td, rhs, input_precision="ieee")
+        rhs = tl.where(r // 16 == block, eye - tl.dot(below_blocks, X, input_precision="tf32x3"), 0.0)
+        X += tl.dot(Td, rhs, input_precision="tf32x3")
     return X
 
 
@@ -165,7 +166,7 @@ def _unit_lower_inverse(Amat):
 def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
                    C: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, BETA: tl.constexpr,
                    MOMENTUM: tl.constexpr):
-    """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` (exact float32 products)."""
+    """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` (float32-accurate products)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -177,9 +178,9 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
                 other=0.0).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, tl.cast(i_bh, tl.int64) * N * C + i_n * C, C,
                                DECAY, BETA, MOMENTUM)
-    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, "ieee")
+    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, "tf32x3")
     kk = k * e[:, None]
-    Amat = Gs * tl.dot(k, tl.trans(kk), input_precision="ieee")
+    Amat = Gs * tl.dot(k, tl.trans(kk), input_precision="tf32x3")
 
     Tm = _unit_lower_inverse(Amat)
     r = tl.arange(0, C)[:, None]
@@ -344,18 +345,22 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
                           PREC: tl.constexpr):
-    """Per (chunk, batch-head): dq, dk and the gate gradients, with all chunk states known.
+    """Per (chunk, batch-head, K tile): dq, dk and this K tile's share of the gate gradients.
 
     Loops over V tiles accumulating the products that reduce over V, then chains the C x C gradients
-    (dW, dAmat, dGamma, dGs) down to the decay matrices and the gates. The gradients of the chunk-local
-    cumulative log gates are written; the glue turns them into gradients of the log gates.
+    (dW, dAmat, dGamma, dGs) down to the decay matrices and the gates. Rows of dq and dk need only their
+    own K tile; the gate gradients sum over K, and the chain from the K-reduced products (Q KK^T, K dS, ...)
+    to them is linear, so each K tile writes its share (``[K tiles, B * H, N * C]``) and the glue sums them.
+    They are gradients of the chunk-local cumulative log gates; the glue turns them into gradients of the
+    log gates.
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_k = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
     chunk = tl.cast(i_bh, tl.int64) * N + i_n
-    dk = tl.arange(0, BK)
+    dk = i_k * BK + tl.arange(0, BK)
     t = i_n * C + tl.arange(0, C)
     rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
     row_ok = t[:, None] < T
@@ -447,7 +452,7 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out, mask=qk_mask)
 
     # Down to the gates. Gradients of the chunk-end quantities sit in the last row / entry.
-    gate_t = chunk * C + tl.arange(0, C)
+    gate_t = (tl.cast(i_k, tl.int64) * tl.num_programs(1) * N + chunk) * C + tl.arange(0, C)
     dA += tl.where(is_end, dA_C, 0.0)
     if MOMENTUM:
         de += tl.sum(k * dKK, axis=1)
