@@ -10,9 +10,10 @@ Implementations compared, all on the same random inputs per (shape, rule):
 Timing on CUDA is the median of ``triton.testing.do_bench`` after a warm-up call (which also compiles and
 autotunes); on CPU it is the median of a few ``time.perf_counter`` runs, so the command works everywhere.
 "Forward" is the inference forward (no autograd graph); "fwd+bwd" is the training forward followed by
-``o.backward(do)``. Peak memory is ``torch.cuda.max_memory_allocated`` over one such call, inputs included.
+``o.backward(do)``. Peak memory is ``torch.cuda.max_memory_allocated`` over one such call, less what was
+allocated before the case's inputs. Each forward output is also compared with the float64 per-token loop.
 A case that cannot run (too long for the loop, no GPU, fla missing) is recorded as skipped, one that raises
-(out of memory, kernel error, non-finite output) as failed; neither stops the run.
+(out of memory, kernel error) as failed; neither stops the run. A non-finite output is noted, and timed.
 """
 
 from __future__ import annotations
