@@ -90,3 +90,24 @@ def test_parse_shape():
     assert str(parse_shape("8,4096,16,128")) == "8,4096,16,128"
     with pytest.raises(ValueError, match="--shape"):
         parse_shape("8x4096")
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    import sandbox.bench as bench
+
+    make_forward = bench.make_forward
+
+    def broken_for_delta(rule, impl, chunk_size, fla):
+        if rule.name == "delta":
+            def forward(**inputs):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+            return forward
+        return make_forward(rule, impl, chunk_size, fla)
+
+    monkeypatch.setattr(bench, "make_forward", broken_for_delta)
+    out = tmp_path / "bench.json"
+    result = invoke(*TINY, "--rule", "delta", "--rule", "linear", "--impl", "chunk", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    delta, linear = json.loads(out.read_text())["results"]
+    assert delta["status"] == "failed" and delta["note"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert linear["status"] == "ok"
