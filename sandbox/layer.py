@@ -193,7 +193,8 @@ class RuleMixer(nn.Module):
 
     def _output(self, o: Tensor, x: Tensor) -> Tensor:
         gate = self.g_proj(x).reshape(*o.shape).sigmoid()
-        o = self.o_norm(o.to(gate.dtype)) * gate
+        # The norm in at least float32 (its weight's dtype); o_proj runs in bf16 again under autocast.
+        o = self.o_norm(o.to(torch.promote_types(o.dtype, torch.float32))) * gate
         return self.o_proj(o.flatten(-2))
 
     def forward(self, x: Tensor, state: MixerState | None = None,
@@ -204,8 +205,11 @@ class RuleMixer(nn.Module):
         run = {"naive": self.rule.naive, "chunk": self.rule.chunk, "triton": self.rule.triton}[self.impl]
         extra = {} if self.impl == "naive" else {"chunk_size": self.chunk_size}
         want_state = output_state or self.record_stats
-        o, rule_state = run(q, k, v, initial_state=state.rule if state is not None else None,
-                            output_final_state=want_state, **extra, **gates)
+        # The rule manages its own precision (bf16 q, k, v in, float32 states and gates); autocast would
+        # push its internal float32 products (and the triangular solve) down to bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            o, rule_state = run(q, k, v, initial_state=state.rule if state is not None else None,
+                                output_final_state=want_state, **extra, **gates)
         if self.record_stats:
             self.last_stats = self._stats(gates, rule_state)
         return self._output(o, x), (MixerState(rule_state, conv) if output_state else None)
