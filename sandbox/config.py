@@ -50,11 +50,11 @@ class RunConfig:
     stability_constraint: bool = True   # MDN constraint coupling alpha, beta and eta (momentum rules)
     min_log_mu: float = -2.0            # floor of log(mu): momentum never decays faster than exp(-2) a token
     # optimisation
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     grad_clip: float = 1.0
     seed: int = 0
     # evaluation, logging, checkpoints (in steps)
