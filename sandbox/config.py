@@ -44,7 +44,7 @@ class RunConfig:
     # model
     d_model: int = 128
     layers: int = 2
-    heads: int = 2
+    heads: int = 4
     chunk_size: int = 64                # tokens per chunk of the chunkwise form / kernels
     short_conv: bool = True             # causal depthwise conv (kernel 4) + SiLU on q, k, v
     stability_constraint: bool = True   # MDN constraint coupling alpha, beta and eta (momentum rules)
