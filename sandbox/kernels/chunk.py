@@ -23,7 +23,8 @@ This is rules.md's form with the probe folded in: ``a_t Gamma[t-1, j] = Gs[t, j]
 Kernels: ``prepare`` (per chunk: ``Tm`` by forward substitution), ``forward_scan`` (per batch-head and
 V tile: walks the chunks carrying S, M; writes O, U, the per-chunk start states), ``backward_scan`` (walks
 the chunks backwards carrying dS, dM; writes dV and the per-chunk end-state gradients) and
-``backward_chunk`` (per chunk: dq, dk and the gate gradients). The backward never transposes a ``tl.dot``
+``backward_chunk`` (per chunk and K tile: dq, dk and the gate gradients). Per-chunk start states, their
+gradients, U and Tm are kept in float32 between the kernels. The backward never transposes a ``tl.dot``
 result before feeding it to another ``tl.dot`` (Triton 3.4-3.7.0 miscompiles that on Hopper): every
 transposed product is computed from loaded operands or from matrices built transposed.
 """
