@@ -130,8 +130,7 @@ class ChunkRuleFunction(torch.autograd.Function):
             if rule.momentum:
                 dM_final = torch.zeros(B, H, K, V, **f32) if dM_final is None else dM_final.float().contiguous()
 
-        # dV of the delta rules (dR = Tm^T dU) also feeds the per-chunk backward: float32, cast at the end.
-        dr = torch.empty(B, T, H, V, **f32) if rule.delta else torch.empty_like(v)
+        dr = torch.empty(B, T, H, V, **f32)
         ds_chunks = torch.empty(B * H, N, K, V, **f32)
         dm_chunks = torch.empty(B * H, N, K, V, **f32) if rule.momentum else None
         dS_init = torch.empty(B, H, K, V, **f32)
@@ -142,8 +141,8 @@ class ChunkRuleFunction(torch.autograd.Function):
                                    DELTA=rule.delta, HAS_DFINAL=has_dfinal, PREC=cfg["PREC"], **switches,
                                    **cfg["extra"])
 
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
+        dq = torch.empty(B, T, H, K, **f32)
+        dk = torch.empty(B, T, H, K, **f32)
         k_tiles = triton.cdiv(K, cfg["BK_chunk"])
         d_gates = {name: (torch.empty(k_tiles, *g.shape, **f32) if g is not None else None)
                    for name, g in zip(GATES, (gA, b, gM, e))}
@@ -162,7 +161,7 @@ class ChunkRuleFunction(torch.autograd.Function):
             grads.append(_gate_grad(grad, gate, C, log_cumsum=name.startswith("log")))
         dS_init_out = None if S_init is None else dS_init
         dM_init_out = None if M_init is None else dM_init
-        return (None, None, None, dq, dk, dr.to(v.dtype), *grads,
+        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dr.to(v.dtype), *grads,
                 dS_init_out, dM_init_out)
 
 

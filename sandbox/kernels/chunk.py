@@ -320,7 +320,7 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
             dR = tl.dot(tl.trans(Tm), dU, input_precision=PREC)
         else:
             dR = dU
-        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], dR.to(dr_ptr.dtype.element_ty), mask=v_mask)
+        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], dR, mask=v_mask)
 
         dS0 = tl.dot(tl.trans(A[:, None] * q), do, input_precision=PREC) + A_C * dS
         if DELTA:
@@ -449,8 +449,8 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         dk_out += tl.dot(dAm * Gs, kk, input_precision=PREC)
         dKK += tl.dot(dAmT * GsT, k, input_precision=PREC)
     dk_out += e[:, None] * dKK
-    tl.store(dq_ptr + rows[:, None] * K + dk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)
-    tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out.to(dk_ptr.dtype.element_ty), mask=qk_mask)
+    tl.store(dq_ptr + rows[:, None] * K + dk[None, :], dq, mask=qk_mask)
+    tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out, mask=qk_mask)
 
     # Down to the gates. Gradients of the chunk-end quantities sit in the last row / entry.
     gate_t = (tl.cast(i_k, tl.int64) * tl.num_programs(1) * N + chunk) * C + tl.arange(0, C)
