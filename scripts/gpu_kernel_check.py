@@ -19,7 +19,7 @@ import triton.testing
 from sandbox.rules import get_rule
 
 RULES = ["linear", "decay", "delta", "gated_delta", "momentum_delta", "decay_momentum"]
-SHAPES = [(8, 4096, 16, 128), (32, 512, 4, 64)]      # (B, T, H, D), the shapes of shared/notes/kernels.md
+SHAPES = [(8, 4096, 16, 128), (32, 512, 4, 64)]      # (B, T, H, D), the shapes of docs/notes/kernels.md
 
 
 def run_tests(out: Path, jobs: int, select: str | None) -> int:
