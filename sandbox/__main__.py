@@ -1,3 +1,3 @@
-from sandbox.cli import app
+from sandbox.cli import cli_main
 
-app(prog_name="sandbox")
+cli_main()

@@ -1,12 +1,20 @@
 """The ``sandbox`` command line. Each command lives in its own module; this file wires them together.
 
-A user mistake (bad flag value, unknown name) ends with one line on stderr and exit code 2, never a
-traceback: commands raise ``UsageError`` (or ``ValueError`` from the library), and ``main`` turns it into that.
+A user mistake ends with one line on stderr and exit code 2, never a traceback: commands check their values
+and call ``fail``; an unknown option or a malformed value, which the argument parser itself rejects, is turned
+into the same one line by ``cli_main``, the console entry point.
 """
 
 from __future__ import annotations
 
+import sys
+
 import typer
+
+try:
+    from typer._click.exceptions import UsageError  # typer >= 0.29 vendors click
+except ImportError:
+    from click.exceptions import UsageError
 
 from sandbox.ablate import ablate_command
 from sandbox.bench import bench_command
@@ -54,3 +62,19 @@ app.command("report")(report_command)
 app.command("compare")(compare_command)
 app.command("run")(run_command)
 app.command("doctor")(doctor_command)
+
+
+def cli_main() -> None:
+    """Run the CLI; a parser error (unknown option, bad value, missing argument) becomes one line and exit 2."""
+    try:
+        result = app(standalone_mode=False, prog_name="sandbox")
+    except UsageError as error:
+        if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:
+            typer.echo(error.ctx.get_help())
+        else:
+            typer.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
