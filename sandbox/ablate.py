@@ -433,7 +433,7 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
 
 
 def ablate_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quick.toml.")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe TOML file, e.g. recipes/quick.toml.")],
     out: Annotated[Optional[Path], typer.Option(help="Ablation folder (default: ablations/<recipe name>).")] = None,
     jobs: Annotated[int, typer.Option(help="Runs at a time (with several GPUs, one per GPU).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
