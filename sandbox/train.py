@@ -355,6 +355,8 @@ def resume(folder: str | Path, overrides: dict[str, Any] | None = None,
 
 # --- the `sandbox run` command ----------------------------------------------------------------------------
 
+DEFAULTS = RunConfig()
+
 def parse_task_args(pairs: list[str]) -> dict[str, str]:
     """``["num_kv_pairs=8", ...]`` -> ``{"num_kv_pairs": "8"}`` (the task converts the values)."""
     args = {}
@@ -367,31 +369,31 @@ def parse_task_args(pairs: list[str]) -> dict[str, str]:
 
 
 def run_command(
-    rule: Annotated[Optional[str], typer.Option(help="Update rule (see `sandbox rules`) or 'attention'. [default: momentum_delta]")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Task (see `sandbox tasks`). [default: mqar]")] = None,
+    rule: Annotated[Optional[str], typer.Option(help=f"Update rule (see `sandbox rules`) or 'attention' (default {DEFAULTS.rule}).")] = None,
+    task: Annotated[Optional[str], typer.Option(help=f"Task, see `sandbox tasks` (default {DEFAULTS.task}).")] = None,
     task_arg: Annotated[Optional[list[str]], typer.Option("--task-arg", help="Task parameter NAME=VALUE (repeatable).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Sequence length [default: the task's].")] = None,
-    d_model: Annotated[Optional[int], typer.Option(help="Model width.")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="Blocks.")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Heads per mixer (head dim = d_model / heads).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup then cosine to 0.1x).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (matrices only).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Gradient norm clip.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the initialisation and the batches.")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option(help="Chunk length of the chunkwise form.")] = None,
-    short_conv: Annotated[Optional[bool], typer.Option("--short-conv/--no-short-conv", help="Causal conv4 + SiLU on q, k, v.")] = None,
-    stability_constraint: Annotated[Optional[bool], typer.Option("--stability-constraint/--no-stability-constraint", help="MDN stability constraint (momentum rules).")] = None,
-    min_log_mu: Annotated[Optional[float], typer.Option(help="Floor of log(mu), the momentum decay.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (and at the end).")] = None,
-    eval_batches: Annotated[Optional[int], typer.Option(help="Held-out batches per evaluation.")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Log train metrics every N steps.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (and at the end).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
-    impl: Annotated[Optional[str], typer.Option(help="auto, naive, chunk or triton. [default: auto]")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder [default: runs/<rule>-<task>-<time>]; never overwritten.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps (default {DEFAULTS.steps}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Sequences per step (default {DEFAULTS.batch_size}).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Sequence length (default: the task's).")] = None,
+    d_model: Annotated[Optional[int], typer.Option(help=f"Model width (default {DEFAULTS.d_model}).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help=f"Blocks (default {DEFAULTS.layers}).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help=f"Heads per mixer, head dim = d_model / heads (default {DEFAULTS.heads}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate; AdamW, warmup then cosine to 0.1x (default {DEFAULTS.lr}).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=f"AdamW weight decay, matrices only (default {DEFAULTS.weight_decay}).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help=f"Linear warmup steps (default {DEFAULTS.warmup_steps}).")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help=f"Gradient norm clip (default {DEFAULTS.grad_clip}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed of the initialisation and the batches (default {DEFAULTS.seed}).")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(help=f"Chunk length of the chunkwise form (default {DEFAULTS.chunk_size}).")] = None,
+    short_conv: Annotated[Optional[bool], typer.Option("--short-conv/--no-short-conv", help="Causal conv4 + SiLU on q, k, v (default on).")] = None,
+    stability_constraint: Annotated[Optional[bool], typer.Option("--stability-constraint/--no-stability-constraint", help="MDN stability constraint, momentum rules (default on).")] = None,
+    min_log_mu: Annotated[Optional[float], typer.Option(help=f"Floor of log(mu), the momentum decay (default {DEFAULTS.min_log_mu}).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help=f"Evaluate every N steps and at the end (default {DEFAULTS.eval_every}).")] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(help=f"Held-out batches per evaluation (default {DEFAULTS.eval_batches}).")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=f"Log train metrics every N steps (default {DEFAULTS.log_every}).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Checkpoint every N steps and at the end (default {DEFAULTS.checkpoint_every}).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default auto: cuda if available).")] = None,
+    impl: Annotated[Optional[str], typer.Option(help="auto, naive, chunk or triton (default auto: triton on CUDA if its self-test passes, else chunk).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<rule>-<task>-<time>); an existing one gets a -N suffix.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with these settings; flags override it.")] = None,
     resume_from: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its checkpoint.")] = None,
 ) -> None:
