@@ -133,7 +133,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)   # train batches (CPU, saved in checkpoints)
         self.step = 0
         self.checkpoint_step: int | None = None
-        self.train_seconds = 0.0      # time spent in training steps, summed over resumed sessions
+        # Speed: time and count of the training steps, summed over resumed sessions; the first step of each
+        # session is left out (it compiles kernels and warms caches) unless it is the only one.
+        self.train_seconds, self.timed_steps = 0.0, 0
         self.wall_seconds = 0.0
 
     def autocast(self):
@@ -156,7 +158,7 @@ class Trainer:
         state = {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "train_seconds": self.train_seconds,
+            "torch_rng": torch.get_rng_state(), "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
             "wall_seconds": self.wall_seconds,
         }
         if self.device.type == "cuda":
@@ -179,6 +181,7 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step, self.train_seconds, self.wall_seconds = state["step"], state["train_seconds"], state["wall_seconds"]
+        self.timed_steps = state["timed_steps"]
         self.checkpoint_step = self.step
         self._drop_metrics_after(self.step)
 
@@ -269,12 +272,14 @@ class Trainer:
         config, metric_name = self.config, self.task.metric_name
         tokens_per_step = config.batch_size * self.task.seq_len
         window_tokens, window_seconds = 0, 0.0     # tokens/s over the steps since the last log line
+        session_first_step, remaining = self.step, config.steps - self.step
         while self.step < config.steps:
             log_now = (self.step + 1) % config.log_every == 0 or self.step == 0
             step_start = time.perf_counter()
             loss, metric, grad_norm = self._train_step(record_stats=log_now)
             step_seconds = time.perf_counter() - step_start
-            self.train_seconds += step_seconds
+            if self.step != session_first_step or remaining == 1:
+                self.train_seconds, self.timed_steps = self.train_seconds + step_seconds, self.timed_steps + 1
             self.step += 1
             window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + step_seconds
             bar.update(1)
@@ -306,7 +311,7 @@ class Trainer:
             "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
             "final_train_loss": last_train["loss"],
             "parameters": self.model.parameter_count(), "state_size": state_size, "state_size_label": state_label,
-            "tokens_per_second": self.step * self.config.batch_size * self.task.seq_len / self.train_seconds,
+            "tokens_per_second": self.timed_steps * self.config.batch_size * self.task.seq_len / self.train_seconds,
             "wall_seconds": self.wall_seconds, "device": str(self.device), "impl": self.impl,
         }
         (self.folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
