@@ -153,3 +153,13 @@ def test_doctor_reports_versions_without_traceback():
     for label in ("python", "torch", "triton", "gpu", "impl auto"):
         assert label in result.stdout
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("triton, capability, warned", [
+    ("3.4.0", (9, 0), True), ("3.6.0", (9, 0), True), ("3.7.0+git1a2b", (9, 0), True), ("3.7.1", (9, 0), False),
+    ("3.3.1", (9, 0), False), ("3.6.0", (8, 0), False), ("3.6.0", None, False), (None, (9, 0), False),
+])
+def test_doctor_warns_about_triton_3_4_to_3_7_0_on_hopper(triton, capability, warned):
+    from sandbox.doctor import hopper_miscompile_warning
+
+    assert (hopper_miscompile_warning(triton, capability) is not None) == warned
