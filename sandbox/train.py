@@ -172,8 +172,12 @@ class Trainer:
         path = self.folder / CHECKPOINT
         if not path.is_file():
             raise ValueError(f"resume: no {CHECKPOINT} in '{self.folder}' (the run stopped before its first checkpoint)")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+        except Exception as error:   # truncated file, other model: report it as the user's input problem
+            raise ValueError(f"resume: cannot load {path} ({type(error).__name__}); "
+                             "is it a complete checkpoint of this run's model?") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
@@ -181,7 +185,7 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step, self.train_seconds, self.wall_seconds = state["step"], state["train_seconds"], state["wall_seconds"]
-        self.timed_steps = state["timed_steps"]
+        self.timed_steps = state.get("timed_steps", self.step)   # checkpoints of earlier versions lack it
         self.checkpoint_step = self.step
         self._drop_metrics_after(self.step)
 

@@ -163,3 +163,12 @@ def test_doctor_warns_about_triton_3_4_to_3_7_0_on_hopper(triton, capability, wa
     from sandbox.doctor import hopper_miscompile_warning
 
     assert (hopper_miscompile_warning(triton, capability) is not None) == warned
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = run_folder(invoke("run", "--rule", "delta", *TINY, "--out", "r"))
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = invoke("run", "--resume", str(folder))
+    assert result.exit_code == 2 and result.stderr.startswith("error: resume: cannot load")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
