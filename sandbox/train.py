@@ -76,7 +76,12 @@ def choose_impl(config: RunConfig, device: torch.device) -> str:
 def new_run_folder(out: str | None, config: RunConfig) -> Path:
     """Create the run folder: ``out``, or ``runs/<rule>-<task>-<time>``; if taken, the first free ``-1``, ``-2``..."""
     base = Path(out) if out else Path("runs") / f"{config.rule}-{config.task}-{datetime.now():%Y%m%d-%H%M%S}"
-    base.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"out: '{base.parent}' exists and is not a folder") from None
+    except OSError as error:
+        raise ValueError(f"out: cannot create the folder '{base.parent}' ({error.strerror})") from None
     candidate, suffix = base, 0
     while True:
         try:
@@ -85,6 +90,8 @@ def new_run_folder(out: str | None, config: RunConfig) -> Path:
         except FileExistsError:
             suffix += 1
             candidate = base.with_name(f"{base.name}-{suffix}")
+        except OSError as error:
+            raise ValueError(f"out: cannot create the run folder '{candidate}' ({error.strerror})") from None
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

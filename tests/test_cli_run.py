@@ -122,9 +122,11 @@ def test_non_finite_loss_exits_3_and_keeps_the_checkpoint(tmp_path, monkeypatch)
     (["--config", "missing.toml"], "config"),
     (["--resume", "not-a-run"], "resume"),
     (["--steps", "0"], "steps"),
+    (["--out", "a_file/run"], "not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    Path("a_file").write_text("")
     result = invoke("run", *args)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
