@@ -135,13 +135,16 @@ def run_naive(name: str, inputs: dict, gates: dict, initial_state) -> tuple:
                                 output_final_state=True)
 
 
-def test_identity_momentum_delta_without_momentum_is_gated_delta() -> None:
+@pytest.mark.parametrize("momentum_rule, first_order_rule", [("momentum_delta", "gated_delta"),
+                                                             ("decay_momentum", "decay")])
+def test_identity_momentum_rule_without_momentum(momentum_rule: str, first_order_rule: str) -> None:
+    """mu -> 0 (log_mu = -30), eta = 1 turns each momentum rule into its first-order counterpart."""
     x = identity_case()
     g = x["gates"]
     S0 = x["initial_state"]
-    o1, (S1, _) = run_naive("momentum_delta", x, dict(g, log_mu=torch.full_like(g["beta"], -30.0),
-                                                      eta=torch.ones_like(g["beta"])), (S0, torch.zeros_like(S0)))
-    o2, S2 = run_naive("gated_delta", x, {"log_alpha": g["log_alpha"], "beta": g["beta"]}, S0)
+    no_momentum = dict(g, log_mu=torch.full_like(g["beta"], -30.0), eta=torch.ones_like(g["beta"]))
+    o1, (S1, _) = run_naive(momentum_rule, x, no_momentum, (S0, torch.zeros_like(S0)))
+    o2, S2 = run_naive(first_order_rule, x, {"log_alpha": g["log_alpha"], "beta": g["beta"]}, S0)
     assert rel_rms(o1, o2) < 1e-6 and rel_rms(S1, S2) < 1e-6
 
 
@@ -151,16 +154,6 @@ def test_identity_gated_delta_without_decay_is_delta() -> None:
     o1, S1 = run_naive("gated_delta", x, {"log_alpha": torch.zeros_like(g["beta"]), "beta": g["beta"]},
                        x["initial_state"])
     o2, S2 = run_naive("delta", x, {"beta": g["beta"]}, x["initial_state"])
-    assert rel_rms(o1, o2) < 1e-6 and rel_rms(S1, S2) < 1e-6
-
-
-def test_identity_decay_momentum_without_momentum_is_decay() -> None:
-    x = identity_case()
-    g = x["gates"]
-    S0 = x["initial_state"]
-    o1, (S1, _) = run_naive("decay_momentum", x, dict(g, log_mu=torch.full_like(g["beta"], -30.0),
-                                                      eta=torch.ones_like(g["beta"])), (S0, torch.zeros_like(S0)))
-    o2, S2 = run_naive("decay", x, {"log_alpha": g["log_alpha"], "beta": g["beta"]}, S0)
     assert rel_rms(o1, o2) < 1e-6 and rel_rms(S1, S2) < 1e-6
 
 
