@@ -35,24 +35,17 @@ def _convert(param: str, value: Any, kind: type) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"task_arg '{param}': expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if kind in (int, float):
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and (kind is float or isinstance(value, int)):
+            return kind(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return kind(value)
             except ValueError:
                 pass
-        raise ValueError(f"task_arg '{param}': expected an int, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"task_arg '{param}': expected a number, got {value!r}")
+        expected = "an int" if kind is int else "a number"
+        raise ValueError(f"task_arg '{param}': expected {expected}, got {value!r}")
     if not isinstance(value, str):
         raise ValueError(f"task_arg '{param}': expected a string, got {value!r}")
     return value
