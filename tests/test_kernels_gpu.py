@@ -1,6 +1,6 @@
 """Triton chunk kernels on CUDA, bf16/fp16, long sequences, against float64 on the GPU (skipped without CUDA).
 
-The reference is ``rule.chunk`` in float64 (the per-token loop is too slow at T = 2048); that it equals the
+Buffers from ``torch.empty`` are NaN-filled during these tests, as on the CPU. The reference is ``rule.chunk`` in float64 (the per-token loop is too slow at T = 2048); that it equals the
 loop to ~1e-12 is checked once at a short T. Each case prints one ``KERNEL-ERRORS`` line (run with ``-s``)
 that ``scripts/gpu_kernel_check.py`` collects into its summary table.
 """
@@ -8,10 +8,11 @@ that ``scripts/gpu_kernel_check.py`` collects into its summary table.
 import pytest
 import torch
 
-from test_kernels import RULES, kernel_errors, outputs_and_grads, make_inputs, relative_rms
+from test_kernels import RULES, kernel_errors, outputs_and_grads, make_inputs, poisoned_empty, relative_rms  # noqa: F401
 from sandbox.rules import get_rule
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("poisoned_empty")]
 
 # Relative RMS bounds for half-precision inputs (outputs rounded to bf16 alone cost ~2.3e-3).
 OUTPUT_TOLERANCE = 5e-3          # o and final states
