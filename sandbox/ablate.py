@@ -69,7 +69,7 @@ RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use s
 # step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
 # of the ablation have finished, the estimate is rescaled by how far off the model was for them.
 ROUGH_COST = {  # device: (start-up s, overhead s/step, s per token x layer x d_model^2)
-    "cuda": (15.0, 0.02, 4e-12),   # a guess, not yet checked against a GPU run: small models are launch-bound
+    "cuda": (40.0, 0.03, 4e-12),   # one H100: the default run (400 steps, 38 step/s) took 68 s from a cold start
     "cpu": (5.0, 0.005, 8e-9),     # one busy 2-core machine: 400 steps of mqar at d_model 64 took 120 s (model: 114 s)
 }
 
