@@ -302,36 +302,43 @@ def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, s_c
 
 
 @triton.jit
-def backward_intra_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dr_ptr,
+def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dr_ptr, dw_ptr,
                           scale, T, H, K, V, N,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, batch-head, V tile): the intra-chunk part of dU, ``W^T dO'`` with ``W = Gamma o Q KK^T``.
+    """Per (chunk, batch-head): what the backward needs of ``W = Gamma o Q KK^T`` and no state.
 
-    It does not depend on the states, so it is computed for all chunks in parallel and written into the dR
-    buffer, where ``backward_scan`` adds the state terms. K Q^T is taken in the inputs' own dtype (exact
-    products, float32 sums) and eta is applied to its rows afterwards.
+    Writes the intra-chunk part of dU, ``W^T dO'``, into the dR buffer (``backward_scan`` adds the state terms)
+    and ``dW = dO' U^T`` (``u_ptr``: U, or V without DELTA), which ``backward_chunk`` would otherwise
+    recompute for every K tile. Loops over the V tiles, so W^T is built once per chunk. K Q^T is taken in
+    the inputs' own dtype (exact products, float32 sums) and eta is applied to its rows afterwards.
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_v = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
     chunk = tl.cast(i_bh, tl.int64) * N + i_n
     dk = tl.arange(0, BK)
-    dv = i_v * BV + tl.arange(0, BV)
     t = i_n * C + tl.arange(0, C)
     rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
     row_ok = t[:, None] < T
     qk_mask = row_ok & (dk[None, :] < K)
-    v_mask = row_ok & (dv[None, :] < V)
     q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
     k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-    do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
     WT = GammaT * e[:, None] * tl.dot(k, tl.trans(q), input_precision=PREC)
-    tl.store(dr_ptr + rows[:, None] * V + dv[None, :], tl.dot(WT, do, input_precision=PREC), mask=v_mask)
+    dW = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        dv = i_v * BV + tl.arange(0, BV)
+        v_mask = row_ok & (dv[None, :] < V)
+        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], tl.dot(WT, do, input_precision=PREC), mask=v_mask)
+        dW += tl.dot(do, tl.trans(U), input_precision=PREC)
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    tl.store(dw_ptr + chunk * C * C + r * C + c, dW)
 
 
 @triton.jit
@@ -412,7 +419,7 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
 
 
 @triton.jit
-def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr,
+def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr, dw_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
                           dq_ptr, dk_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
                           scale, T, H, K, V, N,
@@ -421,10 +428,11 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
                           PREC: tl.constexpr):
     """Per (chunk, batch-head, K tile): dq, dk and this K tile's share of the gate gradients.
 
-    Loops over V tiles accumulating the products that reduce over V, then chains the C x C gradients
-    (dW, dAmat, dGamma, dGs) down to the decay matrices and the gates. Rows of dq and dk need only their
-    own K tile; the gate gradients sum over K, and the chain from the K-reduced products (Q KK^T, K dS, ...)
-    to them is linear, so each K tile writes its share (``[K tiles, B * H, N * C]``) and the glue sums them.
+    Loops over V tiles accumulating the products that reduce over V (dW, the same for every K tile, comes
+    from ``backward_intra``), then chains the C x C gradients (dW, dAmat, dGamma, dGs) down to the decay
+    matrices and the gates. Rows of dq and dk need only their own K tile; the gate gradients sum over K, and
+    the chain from the K-reduced products (Q KK^T, K dS, ...) to them is linear, so each K tile writes its
+    share (``[K tiles, B * H, N * C]``) and the glue sums them.
     They are gradients of the chunk-local cumulative log gates; the glue turns them into gradients of the
     log gates.
     """
@@ -450,8 +458,6 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
 
     acc_q = tl.zeros([C, BK], dtype=tl.float32)        # dq minus its intra-chunk attention part
     acc_k = tl.zeros([C, BK], dtype=tl.float32)        # dk from the state terms
-    dW = tl.zeros([C, C], dtype=tl.float32)            # d(Gamma o Q KK^T) and its transpose
-    dWT = tl.zeros([C, C], dtype=tl.float32)
     dAm = tl.zeros([C, C], dtype=tl.float32)           # d(Amat) and its transpose
     dAmT = tl.zeros([C, C], dtype=tl.float32)
     dA = tl.zeros([C], dtype=tl.float32)               # d(A_t), d(bM_t), d(bMs_t)
@@ -478,8 +484,6 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
 
         dA += tl.sum(do * tl.dot(q, S0, input_precision=PREC), axis=1)
         acc_q += A[:, None] * tl.dot(do, tl.trans(S0), input_precision=PREC)
-        dW += tl.dot(do, tl.trans(U), input_precision=PREC)
-        dWT += tl.dot(U, tl.trans(do), input_precision=PREC)
         dA_C += tl.sum(dSC * S0)
         r1 = tl.sum(U * tl.dot(k, dSC, input_precision=PREC), axis=1)
         dgamma_C += e * r1
@@ -509,6 +513,9 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
     is_end = tl.arange(0, C) == C - 1
+    # d(Gamma o Q KK^T), and its transpose read back transposed from memory (not by tl.trans of a dot result).
+    dW = tl.load(dw_ptr + chunk * C * C + r * C + c)
+    dWT = tl.load(dw_ptr + chunk * C * C + c * C + r)
     # O = scale * (... + (Gamma o Q KK^T) U): gradients of q, kk and Gamma.
     dq = acc_q + tl.dot(dW * Gamma, kk, input_precision=PREC)
     dKK = tl.dot(dWT * GammaT, q, input_precision=PREC)
