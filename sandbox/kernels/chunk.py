@@ -482,31 +482,39 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         S0 = tl.load(s_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
         dSC = tl.load(ds_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
 
-        dA += tl.sum(do * tl.dot(q, S0, input_precision=PREC), axis=1)
-        acc_q += A[:, None] * tl.dot(do, tl.trans(S0), input_precision=PREC)
+        # Each product reducing over V serves twice: accumulated into dq or dk, and, multiplied by q or k
+        # and summed over this K tile, as a gate-gradient row sum (sum_v do (Q S0) = sum_k Q (do S0^T)).
+        dOS = tl.dot(do, tl.trans(S0), input_precision=PREC)
+        dA += tl.sum(q * dOS, axis=1)
+        acc_q += A[:, None] * dOS
         dA_C += tl.sum(dSC * S0)
-        r1 = tl.sum(U * tl.dot(k, dSC, input_precision=PREC), axis=1)
+        UdS = tl.dot(U, tl.trans(dSC), input_precision=PREC)
+        r1 = tl.sum(k * UdS, axis=1)
         dgamma_C += e * r1
         de += gamma_C * r1
-        acc_k += (e * gamma_C)[:, None] * tl.dot(U, tl.trans(dSC), input_precision=PREC)
+        acc_k += (e * gamma_C)[:, None] * UdS
         if MOMENTUM:
             M0 = tl.load(m_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
             dMC = tl.load(dm_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
-            dbM -= tl.sum(do * tl.dot(q, M0, input_precision=PREC), axis=1)
-            acc_q -= bM[:, None] * tl.dot(do, tl.trans(M0), input_precision=PREC)
+            dOM = tl.dot(do, tl.trans(M0), input_precision=PREC)
+            dbM -= tl.sum(q * dOM, axis=1)
+            acc_q -= bM[:, None] * dOM
             dbM_C -= tl.sum(dSC * M0)
             dMu_C += tl.sum(dMC * M0)
-            r2 = tl.sum(U * tl.dot(k, dMC, input_precision=PREC), axis=1)
+            UdM = tl.dot(U, tl.trans(dMC), input_precision=PREC)
+            r2 = tl.sum(k * UdM, axis=1)
             dlm_C -= e * r2
             de -= lm_C * r2
-            acc_k -= (e * lm_C)[:, None] * tl.dot(U, tl.trans(dMC), input_precision=PREC)
+            acc_k -= (e * lm_C)[:, None] * UdM
         if DELTA:
             dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-            dA -= tl.sum(dR * tl.dot(k, S0, input_precision=PREC), axis=1)
-            acc_k -= A[:, None] * tl.dot(dR, tl.trans(S0), input_precision=PREC)
+            dRS = tl.dot(dR, tl.trans(S0), input_precision=PREC)
+            dA -= tl.sum(k * dRS, axis=1)
+            acc_k -= A[:, None] * dRS
             if MOMENTUM:
-                dbMs += tl.sum(dR * tl.dot(k, M0, input_precision=PREC), axis=1)
-                acc_k += bMs[:, None] * tl.dot(dR, tl.trans(M0), input_precision=PREC)
+                dRM = tl.dot(dR, tl.trans(M0), input_precision=PREC)
+                dbMs += tl.sum(k * dRM, axis=1)
+                acc_k += bMs[:, None] * dRM
             dAm -= tl.dot(dR, tl.trans(U), input_precision=PREC)
             dAmT -= tl.dot(U, tl.trans(dR), input_precision=PREC)
 
