@@ -1,8 +1,10 @@
-"""Per-kernel CUDA time of every rule under launch-config variants (experiment helper, GPU only).
+"""Per-kernel CUDA time of every rule under launch-option variants (experiment helper, GPU only).
 
     PYTHONPATH=. python scripts/kernel_sweep.py --out results/
 
-Compiles every variant in parallel processes first (Triton's disk cache is shared), then times them one by one.
+Each variant overrides some kernels' options on top of ``sandbox.kernels._launch_config``; the results chose
+its defaults (BENCHMARKS.md, "Kernel speed work"). Compiles every variant in parallel processes first
+(Triton's disk cache is shared), then times them one by one at the large shape, and the defaults at the small.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import triton.testing
 import sandbox.kernels as kernels
 from gpu_kernel_check import RULES, training_step
 
+KERNELS = ("prepare", "forward_scan", "forward_output", "backward_intra", "backward_scan", "backward_chunk")
 SCANS = ("forward_scan", "backward_scan")
 VARIANTS = {
     "base": {},
@@ -73,7 +76,7 @@ def profile(rule: str, shape) -> dict:
     times = defaultdict(float)
     for event in prof.key_averages():
         name = event.key
-        key = next((k for k in ("prepare", "forward_scan", "forward_output", "backward_intra", "backward_scan", "backward_chunk") if k in name), "other")
+        key = next((kernel for kernel in KERNELS if kernel in name), "other")
         times[key] += event.device_time_total / 3 / 1000
     times["total_bench"] = triton.testing.do_bench(step, grad_to_none=leaves)
     return dict(times)
