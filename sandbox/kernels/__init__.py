@@ -21,7 +21,8 @@ from torch import Tensor
 
 from sandbox.rules.base import Inputs, Rule, State
 
-from .chunk import backward_chunk_kernel, backward_scan_kernel, forward_scan_kernel, prepare_kernel
+from .chunk import (backward_chunk_kernel, backward_intra_kernel, backward_scan_kernel, forward_output_kernel,
+                    forward_scan_kernel, prepare_kernel)
 
 GATES = ("log_alpha", "beta", "log_mu", "eta")
 
@@ -50,21 +51,44 @@ def _gate_grad(grad: Tensor, like: Tensor, C: int, log_cumsum: bool) -> Tensor:
     return grad.reshape(B, H, -1)[..., :T].transpose(1, 2).to(like.dtype)
 
 
-def _launch_config(q: Tensor, K: int, V: int) -> dict:
-    """Block sizes, warps and dot precision. The interpreter runs programs one by one: one V tile there."""
+def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
+    """Dot precision and, per kernel, block sizes and launch options (``BV``/``BK`` tiles, warps, stages).
+
+    The interpreter runs programs one by one: one V tile there, and no launch options. On the GPU the
+    options are the fastest of a sweep on an H100 at K = V = 128 (see BENCHMARKS.md, kernel versions).
+    """
     BK = max(16, triton.next_power_of_2(K))
-    if q.is_cuda:
-        BV = min(max(16, triton.next_power_of_2(V)), 32 if BK <= 128 else 16)
-        # One stage: software-pipelining the V-tile loops would multiply the state tiles in shared memory.
-        extra = {"num_warps": 4, "num_stages": 1}
-    else:
-        BV = max(16, triton.next_power_of_2(V))
-        extra = {}
     # float32 inputs get float32-accurate products (tf32x3); half inputs tf32 (well inside their own rounding).
     prec = "tf32x3" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    # The per-chunk backward holds many C x K tiles: it takes K in tiles of at most 64.
-    BK_chunk = min(BK, 64)
-    return {"BK": BK, "BV": BV, "BK_chunk": BK_chunk, "PREC": prec, "extra": extra}
+    if not q.is_cuda:
+        BV = max(16, triton.next_power_of_2(V))
+        return {"PREC": prec, "prepare": {"BK": BK}, "forward_scan": {"BK": BK, "BV": BV},
+                "forward_output": {"BK": BK, "BV": BV}, "backward_intra": {"BK": BK, "BV": BV},
+                "backward_scan": {"BK": BK, "BV": BV}, "backward_chunk": {"BK": min(BK, 64), "BV": BV}}
+    V_pow2 = max(16, triton.next_power_of_2(V))
+    BV = min(V_pow2, 32 if BK <= 128 else 16)
+    plain = {"num_warps": 4, "num_stages": 1}
+    # The parallel per-chunk kernels recompute the C x C intra-chunk matrices per V tile: wider V tiles.
+    BV_out = min(V_pow2, 64 if BK <= 128 else 32)
+    scans = {"BK": BK, "BV": BV, **plain}
+    forward_scan, backward_scan = dict(scans), dict(scans)
+    if BK <= 128:
+        if switches["MOMENTUM"] and not switches["DELTA"]:
+            # Two states and little else per chunk: wider V tiles on 8 warps halve the programs' serial chains.
+            forward_scan.update(BV=min(V_pow2, 64), num_warps=8)
+        else:
+            # Two stages prefetch the next chunk's K, V (and Tm) while this chunk's products run.
+            forward_scan.update(num_stages=2)
+        if switches["MOMENTUM"]:
+            backward_scan.update(BV=min(V_pow2, 64), num_warps=8)
+    # The per-chunk backward holds many C x K and C x C accumulators: K in tiles of at most 64, and 8 warps
+    # (fewer registers each) once decay or the delta correction adds theirs.
+    backward_chunk = {"BK": min(BK, 64), "BV": BV, "num_warps": 4, "num_stages": 2}
+    if switches["DECAY"] or switches["DELTA"]:
+        backward_chunk.update(num_warps=8, num_stages=1)
+    return {"PREC": prec, "prepare": {"BK": BK, **plain}, "forward_scan": forward_scan,
+            "forward_output": {"BK": BK, "BV": BV_out, **plain}, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
+            "backward_scan": backward_scan, "backward_chunk": backward_chunk}
 
 
 class ChunkRuleFunction(torch.autograd.Function):
@@ -77,13 +101,13 @@ class ChunkRuleFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = triton.cdiv(T, C)
-        cfg = _launch_config(q, K, V)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         gA = _chunk_gate(log_alpha, N, C, log_cumsum=True)
         b = _chunk_gate(beta, N, C, log_cumsum=False)
         gM = _chunk_gate(log_mu, N, C, log_cumsum=True)
         e = _chunk_gate(eta, N, C, log_cumsum=False)
         switches = {"DECAY": log_alpha is not None, "BETA": beta is not None, "MOMENTUM": rule.momentum}
+        cfg = _launch_config(q, K, V, {**switches, "DELTA": rule.delta})
         f32 = {"device": q.device, "dtype": torch.float32}
         S_init = None if S_init is None else S_init.float().contiguous()
         M_init = None if M_init is None else M_init.float().contiguous()
@@ -92,19 +116,22 @@ class ChunkRuleFunction(torch.autograd.Function):
         tm = None
         if rule.delta:
             tm = torch.empty(B * H, N, C, C, **f32)
-            prepare_kernel[(N, B * H)](k, gA, b, gM, e, tm, T, H, K, N, C=C, BK=cfg["BK"], **switches,
-                                       **cfg["extra"])
-        o = torch.empty_like(v)
-        u = torch.empty(B, T, H, V, **f32) if save and rule.delta else None
-        s_chunks = torch.empty(B * H, N, K, V, **f32) if save else None
-        m_chunks = torch.empty(B * H, N, K, V, **f32) if save and rule.momentum else None
+            prepare_kernel[(N, B * H)](k, gA, b, gM, e, tm, T, H, K, N, C=C, **switches, **cfg["prepare"])
+        u = torch.empty(B, T, H, V, **f32) if rule.delta else v
+        s_chunks = torch.empty(B * H, N, K, V, **f32)
+        m_chunks = torch.empty(B * H, N, K, V, **f32) if rule.momentum else None
         S_out = torch.empty(B, H, K, V, **f32)
         M_out = torch.empty(B, H, K, V, **f32) if rule.momentum else None
-        grid = (triton.cdiv(V, cfg["BV"]), B * H)
-        forward_scan_kernel[grid](q, k, v, gA, b, gM, e, tm, S_init, M_init, o, u, s_chunks, m_chunks,
-                                  S_out, M_out, scale, T, H, K, V, N, C=C, BK=cfg["BK"], BV=cfg["BV"],
-                                  DELTA=rule.delta, HAS_INITIAL=S_init is not None, SAVE=save,
-                                  PREC=cfg["PREC"], **switches, **cfg["extra"])
+        grid = (triton.cdiv(V, cfg["forward_scan"]["BV"]), B * H)
+        forward_scan_kernel[grid](k, v, gA, b, gM, e, tm, S_init, M_init, u, s_chunks, m_chunks, S_out, M_out,
+                                  T, H, K, V, N, C=C, DELTA=rule.delta, HAS_INITIAL=S_init is not None,
+                                  PREC=cfg["PREC"], **switches, **cfg["forward_scan"])
+        o = torch.empty_like(v)
+        grid = (N, B * H, triton.cdiv(V, cfg["forward_output"]["BV"]))
+        forward_output_kernel[grid](q, k, u, gA, b, gM, e, s_chunks, m_chunks, o, scale, T, H, K, V, N, C=C,
+                                    PREC=cfg["PREC"], **switches, **cfg["forward_output"])
+        if not save:
+            u = s_chunks = m_chunks = None
 
         ctx.save_for_backward(q, k, v, gA, b, gM, e, tm, u, s_chunks, m_chunks, log_alpha, beta, log_mu, eta,
                               S_init, M_init)
@@ -135,22 +162,23 @@ class ChunkRuleFunction(torch.autograd.Function):
         dm_chunks = torch.empty(B * H, N, K, V, **f32) if rule.momentum else None
         dS_init = torch.empty(B, H, K, V, **f32)
         dM_init = torch.empty(B, H, K, V, **f32) if rule.momentum else None
-        grid = (triton.cdiv(V, cfg["BV"]), B * H)
+        dw = torch.empty(B * H, N, C, C, **f32)
+        backward_intra_kernel[(N, B * H)](q, k, u, do, gA, b, gM, e, dr, dw, scale, T, H, K, V, N, C=C,
+                                          PREC=cfg["PREC"], **switches, **cfg["backward_intra"])
+        grid = (triton.cdiv(V, cfg["backward_scan"]["BV"]), B * H)
         backward_scan_kernel[grid](q, k, do, gA, b, gM, e, tm, dS_final, dM_final, dr, ds_chunks, dm_chunks,
-                                   dS_init, dM_init, scale, T, H, K, V, N, C=C, BK=cfg["BK"], BV=cfg["BV"],
-                                   DELTA=rule.delta, HAS_DFINAL=has_dfinal, PREC=cfg["PREC"], **switches,
-                                   **cfg["extra"])
+                                   dS_init, dM_init, scale, T, H, K, V, N, C=C, DELTA=rule.delta,
+                                   HAS_DFINAL=has_dfinal, PREC=cfg["PREC"], **switches, **cfg["backward_scan"])
 
         dq = torch.empty(B, T, H, K, **f32)
         dk = torch.empty(B, T, H, K, **f32)
-        k_tiles = triton.cdiv(K, cfg["BK_chunk"])
+        k_tiles = triton.cdiv(K, cfg["backward_chunk"]["BK"])
         d_gates = {name: (torch.empty(k_tiles, *g.shape, **f32) if g is not None else None)
                    for name, g in zip(GATES, (gA, b, gM, e))}
-        backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, u, dr, s_chunks, m_chunks,
+        backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, u, dr, dw, s_chunks, m_chunks,
                                                    ds_chunks, dm_chunks, dq, dk, *d_gates.values(), scale,
-                                                   T, H, K, V, N, C=C, BK=cfg["BK_chunk"], BV=cfg["BV"],
-                                                   DELTA=rule.delta, PREC=cfg["PREC"], **switches,
-                                                   **cfg["extra"])
+                                                   T, H, K, V, N, C=C, DELTA=rule.delta, PREC=cfg["PREC"],
+                                                   **switches, **cfg["backward_chunk"])
 
         grads = []
         for name, gate in zip(GATES, (log_alpha, beta, log_mu, eta)):

@@ -1,6 +1,6 @@
 """Triton kernels of the chunkwise form (rules.md section 2), forward and backward, one family for all rules.
 
-Four kernels; ``tl.constexpr`` switches select the rule: ``DECAY`` (has log_alpha), ``BETA`` (has beta),
+Six kernels; ``tl.constexpr`` switches select the rule: ``DECAY`` (has log_alpha), ``BETA`` (has beta),
 ``DELTA`` (probe key ``p = alpha * k``, else ``p = 0``), ``MOMENTUM`` (has log_mu and eta, carries M).
 Missing gates mean alpha = 1, beta = 1, no M, eta = 1.
 
@@ -21,12 +21,16 @@ This is rules.md's form with the probe folded in: ``a_t Gamma[t-1, j] = Gs[t, j]
 ``a_t bM_{t-1} = bMs_t``, so no shifted matrices are needed.
 
 Kernels: ``prepare`` (per chunk: ``Tm`` by forward substitution), ``forward_scan`` (per batch-head and
-V tile: walks the chunks carrying S, M; writes O, U, the per-chunk start states), ``backward_scan`` (walks
-the chunks backwards carrying dS, dM; writes dV and the per-chunk end-state gradients) and
-``backward_chunk`` (per chunk and K tile: dq, dk and the gate gradients). Per-chunk start states, their
-gradients, U and Tm are kept in float32 between the kernels. The backward never transposes a ``tl.dot``
-result before feeding it to another ``tl.dot`` (Triton 3.4-3.7.0 miscompiles that on Hopper): every
-transposed product is computed from loaded operands or from matrices built transposed.
+V tile: walks the chunks carrying S, M; writes U and the per-chunk start states), ``forward_output`` (per
+chunk and V tile, in parallel: O from the start states, U and the chunk's own ``Gamma o Q KK^T``),
+``backward_intra`` (per chunk and V tile, in parallel: the intra-chunk term ``W^T dO'`` of dU),
+``backward_scan`` (walks the chunks backwards carrying dS, dM; adds the state terms to dU, writes dV and the
+per-chunk end-state gradients) and ``backward_chunk`` (per chunk and K tile: dq, dk and the gate gradients).
+Only the hand-over of the states is sequential: nothing of O(C^2 K) or O(C^3) work per chunk runs in the
+scans. Per-chunk start states, their gradients, U and Tm are kept in float32 between the kernels. The
+backward never transposes a ``tl.dot`` result before feeding it to another ``tl.dot`` (Triton 3.4-3.7.0
+miscompiles that on Hopper): every transposed product is computed from loaded operands or from matrices built
+transposed.
 """
 
 import triton
@@ -190,13 +194,17 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
 
 
 @triton.jit
-def forward_scan_kernel(q_ptr, k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
-                        s_init_ptr, m_init_ptr, o_ptr, u_ptr, s_chunks_ptr, m_chunks_ptr, s_out_ptr, m_out_ptr,
-                        scale, T, H, K, V, N,
+def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
+                        s_init_ptr, m_init_ptr, u_ptr, s_chunks_ptr, m_chunks_ptr, s_out_ptr, m_out_ptr,
+                        T, H, K, V, N,
                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
-                        HAS_INITIAL: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
-    """Per (V tile, batch-head): walk the chunks carrying S (and M) in float32 registers."""
+                        HAS_INITIAL: tl.constexpr, PREC: tl.constexpr):
+    """Per (V tile, batch-head): walk the chunks carrying S (and M) in float32 registers.
+
+    Only the state hand-over is sequential: per chunk U (delta rules) and the next S, M. It writes the start
+    states of every chunk and U; ``forward_output`` turns them into O, all chunks in parallel.
+    """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -217,48 +225,120 @@ def forward_scan_kernel(q_ptr, k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_pt
 
     for i_n in range(N):
         chunk = tl.cast(i_bh, tl.int64) * N + i_n
-        if SAVE:
-            tl.store(s_chunks_ptr + chunk * K * V + state_offset, S, mask=state_mask)
-            if MOMENTUM:
-                tl.store(m_chunks_ptr + chunk * K * V + state_offset, M, mask=state_mask)
+        tl.store(s_chunks_ptr + chunk * K * V + state_offset, S, mask=state_mask)
+        if MOMENTUM:
+            tl.store(m_chunks_ptr + chunk * K * V + state_offset, M, mask=state_mask)
         t = i_n * C + tl.arange(0, C)
         rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
         row_ok = t[:, None] < T
-        qk_mask = row_ok & (dk[None, :] < K)
         v_mask = row_ok & (dv[None, :] < V)
-        q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=row_ok & (dk[None, :] < K),
+                    other=0.0).to(tl.float32)
         v = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
-        Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
         gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
-        A = tl.exp(gA)
         kk = k * e[:, None]
 
         if DELTA:
             Tm = tl.load(tm_ptr + chunk * C * C + r * C + c)
-            R = v - tl.dot(A[:, None] * k, S, input_precision=PREC)
+            R = v - tl.dot(tl.exp(gA)[:, None] * k, S, input_precision=PREC)
             if MOMENTUM:
+                bMs, bM = _momentum_carry(_lower(gA, True), b, gM)
                 R += tl.dot(bMs[:, None] * k, M, input_precision=PREC)
             U = tl.dot(Tm, R, input_precision=PREC)
-            if SAVE:
-                tl.store(u_ptr + rows[:, None] * V + dv[None, :], U, mask=v_mask)
+            tl.store(u_ptr + rows[:, None] * V + dv[None, :], U, mask=v_mask)
         else:
             U = v
 
-        W = Gamma * tl.dot(q, tl.trans(kk), input_precision=PREC)
-        o = tl.dot(A[:, None] * q, S, input_precision=PREC) + tl.dot(W, U, input_precision=PREC)
         S_next = A_C * S + tl.dot(tl.trans(gamma_C[:, None] * kk), U, input_precision=PREC)
         if MOMENTUM:
-            o -= tl.dot(bM[:, None] * q, M, input_precision=PREC)
             S_next -= bM_C * M
             M = Mu_C * M - tl.dot(tl.trans(lm_C[:, None] * kk), U, input_precision=PREC)
         S = S_next
-        tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=v_mask)
 
     tl.store(s_out_ptr + bh_state + state_offset, S, mask=state_mask)
     if MOMENTUM:
         tl.store(m_out_ptr + bh_state + state_offset, M, mask=state_mask)
+
+
+@triton.jit
+def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, s_chunks_ptr, m_chunks_ptr, o_ptr,
+                          scale, T, H, K, V, N,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, batch-head, V tile): ``O = scale (diag(A) Q S0 - diag(bM) Q M0 + (Gamma o Q KK^T) U)``.
+
+    ``u_ptr`` is U (float32, delta rules) or V. Q K^T is taken in the inputs' own dtype (exact products,
+    float32 sums) and eta is applied to its columns afterwards.
+    """
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_v = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    t = i_n * C + tl.arange(0, C)
+    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+    row_ok = t[:, None] < T
+    qk_mask = row_ok & (dk[None, :] < K)
+    v_mask = row_ok & (dv[None, :] < V)
+    state_mask = (dk[:, None] < K) & (dv[None, :] < V)
+    state_offset = chunk * K * V + dk[:, None] * V + dv[None, :]
+    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
+    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
+    W = Gamma * e[None, :] * tl.dot(q, tl.trans(k), input_precision=PREC)
+    q = q.to(tl.float32)
+    S0 = tl.load(s_chunks_ptr + state_offset, mask=state_mask, other=0.0)
+    o = tl.dot(tl.exp(gA)[:, None] * q, S0, input_precision=PREC) + tl.dot(W, U, input_precision=PREC)
+    if MOMENTUM:
+        M0 = tl.load(m_chunks_ptr + state_offset, mask=state_mask, other=0.0)
+        o -= tl.dot(bM[:, None] * q, M0, input_precision=PREC)
+    tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=v_mask)
+
+
+@triton.jit
+def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dr_ptr, dw_ptr,
+                          scale, T, H, K, V, N,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, batch-head): what the backward needs of ``W = Gamma o Q KK^T`` and no state.
+
+    Writes the intra-chunk part of dU, ``W^T dO'``, into the dR buffer (``backward_scan`` adds the state terms)
+    and ``dW = dO' U^T`` (``u_ptr``: U, or V without DELTA), which ``backward_chunk`` would otherwise
+    recompute for every K tile. Loops over the V tiles, so W^T is built once per chunk. K Q^T is taken in
+    the inputs' own dtype (exact products, float32 sums) and eta is applied to its rows afterwards.
+    """
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    dk = tl.arange(0, BK)
+    t = i_n * C + tl.arange(0, C)
+    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+    row_ok = t[:, None] < T
+    qk_mask = row_ok & (dk[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
+    LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
+    WT = GammaT * e[:, None] * tl.dot(k, tl.trans(q), input_precision=PREC)
+    dW = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        dv = i_v * BV + tl.arange(0, BV)
+        v_mask = row_ok & (dv[None, :] < V)
+        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], tl.dot(WT, do, input_precision=PREC), mask=v_mask)
+        dW += tl.dot(do, tl.trans(U), input_precision=PREC)
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    tl.store(dw_ptr + chunk * C * C + r * C + c, dW)
 
 
 @triton.jit
@@ -270,7 +350,8 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
                          HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
     """Per (V tile, batch-head): walk the chunks backwards carrying the gradients of the chunk-end states.
 
-    Per chunk: dU = W^T dO' + G dS - D dM, dR = Tm^T dU (= dV), and the gradients of the start states
+    Per chunk: dU = W^T dO' + G dS - D dM (its first term already in the dR buffer, from ``backward_intra``),
+    dR = Tm^T dU (= dV), and the gradients of the start states
     dS0 = (A Q)^T dO' + A_C dS - (A K)^T dR,  dM0 = -(bM Q)^T dO' - bM_C dS + Mu_C dM + (bMs K)^T dR.
     """
     i_v = tl.program_id(0)
@@ -306,13 +387,12 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
         k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
         do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
-        LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
         gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
         A = tl.exp(gA)
         kk = k * e[:, None]
 
-        WT = GammaT * tl.dot(kk, tl.trans(q), input_precision=PREC)
-        dU = tl.dot(WT, do, input_precision=PREC) + tl.dot(gamma_C[:, None] * kk, dS, input_precision=PREC)
+        dU = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        dU += tl.dot(gamma_C[:, None] * kk, dS, input_precision=PREC)
         if MOMENTUM:
             dU -= tl.dot(lm_C[:, None] * kk, dM, input_precision=PREC)
         if DELTA:
@@ -339,7 +419,7 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
 
 
 @triton.jit
-def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr,
+def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr, dw_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
                           dq_ptr, dk_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
                           scale, T, H, K, V, N,
@@ -348,10 +428,11 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
                           PREC: tl.constexpr):
     """Per (chunk, batch-head, K tile): dq, dk and this K tile's share of the gate gradients.
 
-    Loops over V tiles accumulating the products that reduce over V, then chains the C x C gradients
-    (dW, dAmat, dGamma, dGs) down to the decay matrices and the gates. Rows of dq and dk need only their
-    own K tile; the gate gradients sum over K, and the chain from the K-reduced products (Q KK^T, K dS, ...)
-    to them is linear, so each K tile writes its share (``[K tiles, B * H, N * C]``) and the glue sums them.
+    Loops over V tiles accumulating the products that reduce over V (dW, the same for every K tile, comes
+    from ``backward_intra``), then chains the C x C gradients (dW, dAmat, dGamma, dGs) down to the decay
+    matrices and the gates. Rows of dq and dk need only their own K tile; the gate gradients sum over K, and
+    the chain from the K-reduced products (Q KK^T, K dS, ...) to them is linear, so each K tile writes its
+    share (``[K tiles, B * H, N * C]``) and the glue sums them.
     They are gradients of the chunk-local cumulative log gates; the glue turns them into gradients of the
     log gates.
     """
@@ -377,8 +458,6 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
 
     acc_q = tl.zeros([C, BK], dtype=tl.float32)        # dq minus its intra-chunk attention part
     acc_k = tl.zeros([C, BK], dtype=tl.float32)        # dk from the state terms
-    dW = tl.zeros([C, C], dtype=tl.float32)            # d(Gamma o Q KK^T) and its transpose
-    dWT = tl.zeros([C, C], dtype=tl.float32)
     dAm = tl.zeros([C, C], dtype=tl.float32)           # d(Amat) and its transpose
     dAmT = tl.zeros([C, C], dtype=tl.float32)
     dA = tl.zeros([C], dtype=tl.float32)               # d(A_t), d(bM_t), d(bMs_t)
@@ -403,39 +482,48 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         S0 = tl.load(s_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
         dSC = tl.load(ds_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
 
-        dA += tl.sum(do * tl.dot(q, S0, input_precision=PREC), axis=1)
-        acc_q += A[:, None] * tl.dot(do, tl.trans(S0), input_precision=PREC)
-        dW += tl.dot(do, tl.trans(U), input_precision=PREC)
-        dWT += tl.dot(U, tl.trans(do), input_precision=PREC)
+        # Each product reducing over V serves twice: accumulated into dq or dk, and, multiplied by q or k
+        # and summed over this K tile, as a gate-gradient row sum (sum_v do (Q S0) = sum_k Q (do S0^T)).
+        dOS = tl.dot(do, tl.trans(S0), input_precision=PREC)
+        dA += tl.sum(q * dOS, axis=1)
+        acc_q += A[:, None] * dOS
         dA_C += tl.sum(dSC * S0)
-        r1 = tl.sum(U * tl.dot(k, dSC, input_precision=PREC), axis=1)
+        UdS = tl.dot(U, tl.trans(dSC), input_precision=PREC)
+        r1 = tl.sum(k * UdS, axis=1)
         dgamma_C += e * r1
         de += gamma_C * r1
-        acc_k += (e * gamma_C)[:, None] * tl.dot(U, tl.trans(dSC), input_precision=PREC)
+        acc_k += (e * gamma_C)[:, None] * UdS
         if MOMENTUM:
             M0 = tl.load(m_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
             dMC = tl.load(dm_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
-            dbM -= tl.sum(do * tl.dot(q, M0, input_precision=PREC), axis=1)
-            acc_q -= bM[:, None] * tl.dot(do, tl.trans(M0), input_precision=PREC)
+            dOM = tl.dot(do, tl.trans(M0), input_precision=PREC)
+            dbM -= tl.sum(q * dOM, axis=1)
+            acc_q -= bM[:, None] * dOM
             dbM_C -= tl.sum(dSC * M0)
             dMu_C += tl.sum(dMC * M0)
-            r2 = tl.sum(U * tl.dot(k, dMC, input_precision=PREC), axis=1)
+            UdM = tl.dot(U, tl.trans(dMC), input_precision=PREC)
+            r2 = tl.sum(k * UdM, axis=1)
             dlm_C -= e * r2
             de -= lm_C * r2
-            acc_k -= (e * lm_C)[:, None] * tl.dot(U, tl.trans(dMC), input_precision=PREC)
+            acc_k -= (e * lm_C)[:, None] * UdM
         if DELTA:
             dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-            dA -= tl.sum(dR * tl.dot(k, S0, input_precision=PREC), axis=1)
-            acc_k -= A[:, None] * tl.dot(dR, tl.trans(S0), input_precision=PREC)
+            dRS = tl.dot(dR, tl.trans(S0), input_precision=PREC)
+            dA -= tl.sum(k * dRS, axis=1)
+            acc_k -= A[:, None] * dRS
             if MOMENTUM:
-                dbMs += tl.sum(dR * tl.dot(k, M0, input_precision=PREC), axis=1)
-                acc_k += bMs[:, None] * tl.dot(dR, tl.trans(M0), input_precision=PREC)
+                dRM = tl.dot(dR, tl.trans(M0), input_precision=PREC)
+                dbMs += tl.sum(k * dRM, axis=1)
+                acc_k += bMs[:, None] * dRM
             dAm -= tl.dot(dR, tl.trans(U), input_precision=PREC)
             dAmT -= tl.dot(U, tl.trans(dR), input_precision=PREC)
 
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
     is_end = tl.arange(0, C) == C - 1
+    # d(Gamma o Q KK^T), and its transpose read back transposed from memory (not by tl.trans of a dot result).
+    dW = tl.load(dw_ptr + chunk * C * C + r * C + c)
+    dWT = tl.load(dw_ptr + chunk * C * C + c * C + r)
     # O = scale * (... + (Gamma o Q KK^T) U): gradients of q, kk and Gamma.
     dq = acc_q + tl.dot(dW * Gamma, kk, input_precision=PREC)
     dKK = tl.dot(dWT * GammaT, q, input_precision=PREC)
