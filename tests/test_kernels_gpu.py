@@ -61,6 +61,14 @@ def test_gpu_kernels_float32(rule_name):
     check_on_gpu(rule_name, T=300, D=64, dtype=torch.float32, chunk_size=64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [16, 32])
+@pytest.mark.parametrize("rule_name", RULES)
+def test_gpu_kernels_small_heads(rule_name, D, dtype):
+    """The head sizes the tiny models train with (d_model 128 / 4 heads = 32) and the layer's self-test (16)."""
+    check_on_gpu(rule_name, T=81, D=D, dtype=dtype, chunk_size=64)
+
+
 @pytest.mark.parametrize("rule_name", ["gated_delta", "momentum_delta"])
 def test_gpu_kernels_largest_heads(rule_name):
     check_on_gpu(rule_name, T=200, D=256, dtype=torch.bfloat16, chunk_size=64)

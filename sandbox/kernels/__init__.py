@@ -84,7 +84,8 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
     # The per-chunk backward holds many C x K and C x C accumulators: K in tiles of at most 64, and 8 warps
     # (fewer registers each) once decay or the delta correction adds theirs.
     backward_chunk = {"BK": min(BK, 64), "BV": BV, "num_warps": 4, "num_stages": 2}
-    if switches["DECAY"] or switches["DELTA"]:
+    # (Not on 16-wide tiles: with 8 warps there the momentum backward faulted on the H100, K = 16 in float32.)
+    if (switches["DECAY"] or switches["DELTA"]) and BK >= 32:
         backward_chunk.update(num_warps=8, num_stages=1)
     return {"PREC": prec, "prepare": {"BK": BK, **plain}, "forward_scan": forward_scan,
             "forward_output": {"BK": BK, "BV": BV_out, **plain}, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
