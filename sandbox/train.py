@@ -32,8 +32,10 @@ from tqdm import tqdm
 from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config, save_config
 from sandbox.layer import resolve_impl, triton_works
 from sandbox.model import LanguageModel
+from sandbox.rules.base import TRITON_MISSING
 from sandbox.tasks import create_task
 from sandbox.tasks.base import Task
+from sandbox.threads import default_threads, use_threads
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -62,10 +64,17 @@ def choose_device(name: str) -> torch.device:
 def choose_impl(config: RunConfig, device: torch.device) -> str:
     """The rule implementation actually used; an explicit ``triton`` must pass its self-test here."""
     if config.rule == ATTENTION:
+        if config.impl != "auto":
+            raise ValueError(f"impl: '{config.impl}' is an implementation of the update rules; the attention "
+                             "baseline always runs PyTorch's scaled_dot_product_attention (use --impl auto)")
         return "sdpa"
     if config.impl == "triton":
         if config.chunk_size not in (16, 32, 64):
             raise ValueError(f"chunk_size: the triton kernels take 16, 32 or 64, got {config.chunk_size}")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ValueError(f"impl: {TRITON_MISSING}; use --impl chunk") from None
         works, reason = triton_works(device, config.chunk_size)
         if not works:
             raise ValueError(f"impl: the triton kernels do not run on {device} here ({reason}); "
@@ -412,14 +421,18 @@ def run_command(
     out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<rule>-<task>-<time>); an existing one gets a -N suffix.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with these settings; flags override it.")] = None,
     resume_from: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its checkpoint.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the idle cores, or OMP_NUM_THREADS when set).")] = None,
 ) -> None:
     """Train a small model with one update rule on a task; results land in a new run folder."""
     from sandbox.cli import fail
 
     # Only the flags actually given override the config file (typer leaves the others at None).
     given = {name: value for name, value in locals().items()
-             if value is not None and name not in ("task_arg", "config", "resume_from", "fail")}
+             if value is not None and name not in ("task_arg", "config", "resume_from", "threads", "fail")}
     try:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: expected a positive integer, got {threads}")
+        use_threads(threads or default_threads())
         if task_arg:
             given["task_args"] = parse_task_args(task_arg)
         if resume_from is not None:

@@ -21,6 +21,10 @@ State = Union[Tensor, tuple[Tensor, Tensor]]
 
 ALL_GATES = ("log_alpha", "beta", "log_mu", "eta")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Everything except the Triton kernels is plain PyTorch, so the package installs without Triton where it has
+# no wheels (macOS, Windows); only rule.triton then says so.
+TRITON_MISSING = ("the triton package is not installed (it has wheels for Linux only: pip install triton); "
+                  "rule.chunk computes the same in PyTorch")
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,12 @@ class Rule:
                initial_state: State | None = None, output_final_state: bool = False,
                chunk_size: int = 64, **gates: Tensor) -> tuple[Tensor, State | None]:
         """The chunkwise form as Triton kernels (forward and backward), see ``sandbox/kernels``."""
-        from sandbox.kernels import triton_forward
+        try:
+            from sandbox.kernels import triton_forward
+        except ModuleNotFoundError as error:
+            if error.name != "triton":
+                raise
+            raise ModuleNotFoundError(f"rule.triton: {TRITON_MISSING}", name="triton") from None
 
         check_chunk_size(chunk_size, allowed=(16, 32, 64))
         inputs = check_inputs(self, q, k, v, gates, initial_state)
