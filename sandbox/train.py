@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config, save_config
 from sandbox.layer import resolve_impl, triton_works
 from sandbox.model import LanguageModel
-from sandbox.rules.base import TRITON_MISSING
+from sandbox.rules.base import TRITON_MISSING, triton_installed
 from sandbox.tasks import create_task
 from sandbox.tasks.base import Task
 from sandbox.threads import default_threads, use_threads
@@ -71,10 +71,8 @@ def choose_impl(config: RunConfig, device: torch.device) -> str:
     if config.impl == "triton":
         if config.chunk_size not in (16, 32, 64):
             raise ValueError(f"chunk_size: the triton kernels take 16, 32 or 64, got {config.chunk_size}")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise ValueError(f"impl: {TRITON_MISSING}; use --impl chunk") from None
+        if not triton_installed():
+            raise ValueError(f"impl: {TRITON_MISSING}; use --impl chunk")
         works, reason = triton_works(device, config.chunk_size)
         if not works:
             raise ValueError(f"impl: the triton kernels do not run on {device} here ({reason}); "

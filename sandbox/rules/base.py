@@ -27,6 +27,15 @@ TRITON_MISSING = ("the triton package is not installed (it has wheels for Linux 
                   "rule.chunk computes the same in PyTorch")
 
 
+def triton_installed() -> bool:
+    """Whether the triton package imports here (the first import takes a second or two)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Rule:
     """One linear-attention update rule.
