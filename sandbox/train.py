@@ -165,7 +165,7 @@ class Trainer:
             self._load_checkpoint()
         from torch.utils.tensorboard import SummaryWriter   # imported late: it is slow to import
 
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=self.step + 1 if resume else None)
+        self.writer = SummaryWriter(log_dir=str(folder))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -202,6 +202,7 @@ class Trainer:
         self.timed_steps = state.get("timed_steps", self.step)   # checkpoints of earlier versions lack it
         self.checkpoint_step = self.step
         self._drop_metrics_after(self.step)
+        self._drop_events_after(self.step)
 
     def _drop_metrics_after(self, step: int) -> None:
         """Metrics logged after the checkpoint by the interrupted session are about to be recomputed."""
@@ -209,6 +210,26 @@ class Trainer:
         if path.is_file():
             lines = path.read_text().splitlines(keepends=True)
             path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+    def _drop_events_after(self, step: int) -> None:
+        """TensorBoard events logged after the checkpoint are about to be logged again: drop them from the
+        earlier event files (TensorBoard's fast loader ignores the writer's purge_step and would show those
+        steps twice). Each file is rewritten beside itself and swapped in whole."""
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        for path in self.folder.glob("events.out.tfevents.*"):
+            records = list(RawEventFileLoader(str(path)).Load())
+            kept = [record for record in records if Event.FromString(record).step <= step]
+            if len(kept) == len(records):
+                continue
+            temporary = self.folder / "events.rewrite.tmp"   # no "tfevents" in the name: TensorBoard skips it
+            writer = RecordWriter(open(temporary, "wb"))
+            for record in kept:
+                writer.write(record)
+            writer.close()
+            os.replace(temporary, path)
 
     # --- logging ----------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
