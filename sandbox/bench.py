@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sandbox.provenance import cpu_name, distribution_version
 from sandbox.rules import Rule, get_rule, list_rules
-from sandbox.rules.base import TRITON_MISSING, triton_installed
+from sandbox.rules.rule import TRITON_MISSING, triton_installed
 
 IMPLS = ("naive", "chunk", "triton", "fla")
 DEFAULT_SHAPES = ("8,4096,16,128", "32,512,4,64")

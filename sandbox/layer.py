@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.rules import Rule, State
-from sandbox.rules.base import TRITON_MISSING
+from sandbox.rules.rule import TRITON_MISSING
 
 CONV_SIZE = 4
 

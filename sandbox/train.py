@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config, save_config
 from sandbox.layer import resolve_impl, triton_works
 from sandbox.model import LanguageModel
-from sandbox.rules.base import TRITON_MISSING, triton_installed
+from sandbox.rules.rule import TRITON_MISSING, triton_installed
 from sandbox.tasks import create_task
 from sandbox.tasks.base import Task
 from sandbox.threads import default_threads, use_threads
