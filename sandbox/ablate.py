@@ -64,7 +64,7 @@ from tqdm import tqdm
 from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config
 from sandbox.errors import fail
 from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_summaries
-from sandbox.runfolder import (CHECKPOINT, CONFIG, FolderLock, ablation_run_folder, check_summaries_replaceable,
+from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
                                is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
 
 if sys.version_info >= (3, 11):
@@ -355,7 +355,7 @@ def check_out_folder(root: Path, recipe: Recipe) -> None:
         return
     plan = read_plan(root)
     if plan is None:
-        if any(root.iterdir()):
+        if any(path.name != LOCK for path in root.iterdir()):   # a lock alone: killed before it wrote the plan
             raise ValueError(f"--out: {root} is not empty and holds no ablation (no plan.json); "
                              "choose a new or empty folder")
         return
