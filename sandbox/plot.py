@@ -18,9 +18,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from sandbox.ablate import flatten, format_value
-from sandbox.config import load_config
-from sandbox.report import NOT_AXES
+from sandbox.config import flatten
+from sandbox.errors import fail
+from sandbox.report import NOT_AXES, format_value
+from sandbox.runfolder import METRICS, is_run_folder, read_metrics, read_results, read_run_config
 
 NOT_METRICS = {"step", "split", "loss", "lr", "grad_norm", "tokens_per_second"}
 MAX_CONFIGURATIONS = 20   # colours that can still be told apart (matplotlib's tab20)
@@ -46,16 +47,14 @@ class Curve:
 
 def read_run(folder: Path) -> Run:
     """A run folder's config and metric records; the metric's name from results.json, else from the records."""
-    config = flatten(load_config(folder / "config.toml"))
-    path = folder / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    results = folder / "results.json"
-    if results.is_file():
-        metric_name = json.loads(results.read_text())["metric_name"]
+    records = read_metrics(folder)
+    results = read_results(folder)
+    if results is not None:
+        metric_name = results["metric_name"]
     else:
         names = [key for record in records for key in record if key not in NOT_METRICS]
         metric_name = names[0] if names else None
-    return Run(folder, config, records, metric_name)
+    return Run(folder, flatten(read_run_config(folder)), records, metric_name)
 
 
 def find_runs(argument: str) -> list[Run]:
@@ -63,10 +62,10 @@ def find_runs(argument: str) -> list[Run]:
     path = Path(argument)
     if not path.is_dir():
         raise ValueError(f"RUN_OR_ABLATION: no such folder: {argument}")
-    if (path / "config.toml").is_file():
+    if is_run_folder(path):
         folders = [path]
     else:
-        folders = sorted(p.parent for p in path.rglob("metrics.jsonl") if (p.parent / "config.toml").is_file())
+        folders = sorted(p.parent for p in path.rglob(METRICS) if is_run_folder(p.parent))
     if not folders:
         raise ValueError(f"RUN_OR_ABLATION: {argument} is neither a run folder nor a folder with runs below it")
     return [read_run(folder) for folder in folders]
@@ -172,8 +171,6 @@ def plot_command(
     x: Annotated[str, typer.Option(help="x axis: steps or tokens.")] = "steps",
 ) -> None:
     """Plot loss and metric curves (training and held-out) of runs and ablations, overlaid, seeds as a band."""
-    from sandbox.cli import fail
-
     try:
         if out is not None and out.suffix.lower() != ".png":
             raise ValueError(f"--out: expected a .png file name, got {out}")

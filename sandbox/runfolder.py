@@ -29,11 +29,12 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from sandbox.config import RunConfig, config_to_toml, flatten, load_config
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -285,6 +286,8 @@ class RunFolder:
 
     # checkpoint
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        import torch   # here, not at the top: the commands that only read folders start without torch
+
         try:
             write_atomically(self.path / CHECKPOINT, lambda f: torch.save(state, f))
         except ValueError as error:
@@ -296,6 +299,8 @@ class RunFolder:
         path = self.path / CHECKPOINT
         if not path.is_file():
             raise ValueError(f"resume: no {CHECKPOINT} in '{self.path}' (the run stopped before its first checkpoint)")
+        import torch
+
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:   # truncated or foreign file: the user's input problem, not a crash

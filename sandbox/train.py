@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +30,7 @@ from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config
 from sandbox.errors import fail
 from sandbox.layer import resolve_impl, triton_works
 from sandbox.model import LanguageModel
+from sandbox.provenance import collect as collect_provenance
 from sandbox.rules.rule import TRITON_MISSING, triton_installed
 from sandbox.runfolder import CHECKPOINT, CONFIG, RunFolder, config_differences, is_run_folder
 from sandbox.tasks import create_task
@@ -345,6 +347,7 @@ class Trainer:
             "parameters": self.model.parameter_count(), "state_size": state_size, "state_size_label": state_label,
             "tokens_per_second": self.timed_steps * self.config.batch_size * self.task.seq_len / self.train_seconds,
             "wall_seconds": self.wall_seconds, "device": str(self.device), "impl": self.impl,
+            "provenance": collect_provenance(self.device, sys.argv),   # of the session that finished the run
         }
         self.run_folder.write_results(results)
         return results

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.config import resolve_config, save_config
+from sandbox.config import resolve_config
 from sandbox.plot import curve, differing_keys, find_runs, plot
+from sandbox.runfolder import save_config_file
 
 pytest.importorskip("matplotlib")   # in the dev extra, so CI runs these
 
@@ -16,8 +17,8 @@ pytest.importorskip("matplotlib")   # in the dev extra, so CI runs these
 def fake_run(folder: Path, seed: int, lr: float, losses: list[float], *, finished: bool = True) -> Path:
     """A run folder as `sandbox run` leaves it: config.toml, metrics.jsonl (train every step, eval at 2 and 4)."""
     folder.mkdir(parents=True)
-    config = resolve_config({"seed": seed, "lr": lr, "batch_size": 8, "seq_len": 32, "out": str(folder)})
-    save_config(config, folder / "config.toml")
+    config = resolve_config({"seed": seed, "lr": lr, "batch_size": 8, "seq_len": 32})
+    save_config_file(config, folder / "config.toml")
     records = []
     for step, loss in enumerate(losses, start=1):
         records.append({"step": step, "split": "train", "loss": loss, "accuracy": 1 - loss, "lr": lr,
