@@ -25,8 +25,10 @@ one ``[grid]`` give the union of their products, for axes that only mean somethi
 stability constraint only exists for the momentum rules).
 
 Each run is its own ``sandbox run`` subprocess, so the ablation does not depend on the training code's
-internals and ``--jobs N`` is just N subprocesses (one per GPU when there are several). The runs end with
-the ablation: killed, it leaves no training behind (see ``end_with_parent``). Layout of an ablation folder
+internals and ``--jobs N`` is just N subprocesses (one per GPU when there are several, each with its share of
+the idle CPU cores). ``--backend ray`` starts the same subprocesses inside Ray tasks instead, across the GPUs
+and machines of a Ray cluster (``sandbox/ray_backend.py``). The runs end with the ablation: killed, it leaves
+no training behind (see ``end_with_parent``). Layout of an ablation folder
 (``sandbox.runfolder`` owns its files)::
 
     plan.json            the planned runs (name, configuration, axes); `sandbox report` reads only these runs
@@ -56,16 +58,18 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields
 from itertools import product
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from tqdm import tqdm
 
 from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config
 from sandbox.errors import fail
+from sandbox.ray_backend import import_ray, run_on_ray
 from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_summaries
 from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
                                is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
+from sandbox.threads import default_threads
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,6 +81,7 @@ RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "p
 RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use seeds = [...] at the top level"}
 # Set in the environment of each run: the ablation's pid, so that the run ends when the ablation does.
 PARENT_PID_VARIABLE = "SANDBOX_ABLATE_PID"
+BACKENDS = ("local", "ray")
 # A rough cost model for `--dry-run`: seconds per run = start-up + steps x (per-step overhead + tokens per
 # step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
 # of the ablation have finished, the estimate is rescaled by how far off the model was for them.
@@ -375,11 +380,22 @@ def set_aside(folder: Path, root: Path) -> Path:
     return target
 
 
-def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False) -> Path:
+def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False,
+           backend: str = "local", address: str | None = None, gpus_per_run: float | None = None) -> Path:
     """Run (or with ``dry_run`` only list) every run of a recipe that has no results yet, then summarise.
+    ``backend`` "local": ``jobs`` subprocesses at a time; "ray": Ray tasks (see sandbox/ray_backend.py).
     Raises RunsFailed, after writing the summaries, if any run failed."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs: expected a positive integer, got {jobs!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend: expected one of {', '.join(BACKENDS)}, got '{backend}'")
+    if backend == "local" and (address is not None or gpus_per_run is not None):
+        raise ValueError(f"--{'address' if address is not None else 'gpus-per-run'}: only with --backend ray")
+    if backend == "ray":
+        if jobs != 1:
+            raise ValueError("--jobs: with --backend ray the cluster runs as many runs at a time as its GPUs "
+                             "(see --gpus-per-run) or CPUs allow; drop --jobs")
+        import_ray()   # before any folder is made: a missing ray is one line
     recipe = load_recipe(recipe_path)
     runs = plan_runs(recipe)
     root = Path(out) if out is not None else Path("ablations") / recipe.name
@@ -424,7 +440,8 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
         raise ValueError(f"--out: cannot create the folder {root} ({error.strerror})") from None
     lock = FolderLock(root, "--out", "running an ablation in")
     try:
-        failed = _run_pending(recipe, runs, pending, resumable, root, jobs, gpus, machine)
+        failed = _run_pending(recipe, runs, pending, resumable, root, jobs, gpus, machine,
+                              (address, gpus_per_run) if backend == "ray" else None)
     finally:
         lock.release()
     if failed:
@@ -434,8 +451,9 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
 
 
 def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRun], resumable: dict[str, Path],
-                 root: Path, jobs: int, gpus: int, machine: str) -> int:
-    """Write the plan and run configs, run the pending runs, write the summaries; returns how many failed."""
+                 root: Path, jobs: int, gpus: int, machine: str, ray: tuple[str | None, float | None] | None) -> int:
+    """Write the plan and run configs, run the pending runs (through Ray when ``ray`` is its address and GPU
+    share), write the summaries; returns how many failed."""
     try:
         plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
                 "select_best": recipe.select_best, "plot_x": recipe.plot_x, "machine": machine,
@@ -454,43 +472,63 @@ def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRu
     except ValueError as error:
         raise ValueError(f"--out: {error}") from None
 
-    # Parallel runs share the CPU cores; more threads than cores makes small models many times slower.
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else None
+    def arguments(run: PlannedRun) -> list[str]:
+        folder = ablation_run_folder(root, run.name).resolve()
+        if run.name in resumable:
+            return ["--resume", str(folder)]
+        return ["--config", str((root / "configs" / f"{run.name}.toml").resolve()), "--out", str(folder)]
+
+    def log(run: PlannedRun) -> Path:
+        return (root / "logs" / f"{run.name}.log").resolve()
+
+    failed = 0
+    with tqdm(total=len(runs), initial=len(runs) - len(pending), desc=f"ablate {recipe.name}", unit="run") as bar:
+        def finished(code: int) -> None:
+            nonlocal failed
+            failed += code != 0
+            bar.set_postfix(failed=failed)
+            bar.update()
+
+        try:
+            if ray is not None:
+                address, gpus_per_run = ray
+                run_on_ray([(arguments(run), log(run)) for run in pending], launch_run, address=address,
+                           gpus_per_run=gpus_per_run, on_finished=finished)
+            else:
+                _run_locally(pending, arguments, log, jobs, gpus, finished)
+        finally:
+            write_summaries(root)
+    return failed
+
+
+def _run_locally(pending: list[PlannedRun], arguments: Callable[[PlannedRun], list[str]],
+                 log: Callable[[PlannedRun], Path], jobs: int, gpus: int, finished: Callable[[int], None]) -> None:
+    """``jobs`` runs at a time as subprocesses of this one, spread over the GPUs; ``finished(code)`` as each ends."""
+    # Parallel runs share the CPU cores: each gets its share of the idle ones (more threads than cores makes
+    # small models many times slower).
+    threads = default_threads(jobs)
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
 
     def run_one(run: PlannedRun) -> int:
         slot = slots.get()
-        folder = ablation_run_folder(root, run.name).resolve()
-        if run.name in resumable:
-            arguments = ["--resume", str(folder)]
-        else:
-            arguments = ["--config", str((root / "configs" / f"{run.name}.toml").resolve()), "--out", str(folder)]
         # Spread runs over the GPUs, unless the config names one itself (cuda:N).
         gpu = slot % gpus if gpus > 1 and run.config.get("device", "auto") in ("auto", "cuda") else None
         try:
-            return launch_run(arguments, root / "logs" / f"{run.name}.log", gpu, threads)
+            return launch_run(arguments(run), log(run), gpu, threads)
         finally:
             slots.put(slot)
 
-    failed = 0
-    with tqdm(total=len(runs), initial=len(runs) - len(pending), desc=f"ablate {recipe.name}", unit="run") as bar:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_one, run) for run in pending]
         try:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(run_one, run) for run in pending]
-                try:
-                    for future in as_completed(futures):
-                        failed += future.result() != 0
-                        bar.set_postfix(failed=failed)
-                        bar.update()
-                except BaseException:  # Ctrl-C: start no further runs (the running ones get the signal too)
-                    for future in futures:
-                        future.cancel()
-                    raise
-        finally:
-            write_summaries(root)
-    return failed
+            for future in as_completed(futures):
+                finished(future.result())
+        except BaseException:  # Ctrl-C: start no further runs (the running ones get the signal too)
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def ablate_command(
@@ -499,11 +537,14 @@ def ablate_command(
                                                 "empty, or an ablation of the same recipe (which resumes).")] = None,
     jobs: Annotated[int, typer.Option(help="Runs at a time (with several GPUs, one per GPU).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
+    backend: Annotated[str, typer.Option(help="local (subprocesses of this command) or ray (Ray tasks, pip install -e '.[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --backend ray: the cluster to join (HOST:6379, or auto); default: start a Ray on this machine.")] = None,
+    gpus_per_run: Annotated[Optional[float], typer.Option(help="With --backend ray: GPUs each run reserves, e.g. 0.5 for two runs per GPU (default 1 if the cluster has GPUs, else 0).")] = None,
 ) -> None:
     """Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png.
     Exits with code 1 if any run failed (the summaries are written all the same)."""
     try:
-        ablate(recipe, out, jobs, dry_run)
+        ablate(recipe, out, jobs, dry_run, backend, address, gpus_per_run)
     except ValueError as error:
         fail(str(error))
     except RunsFailed as error:
