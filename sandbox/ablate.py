@@ -63,13 +63,13 @@ from typing import Annotated, Callable, Optional
 import typer
 from tqdm import tqdm
 
-from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config
+from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config, resolve_config
 from sandbox.errors import fail
 from sandbox.ray_backend import import_ray, run_on_ray
 from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_summaries
 from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
                                is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
-from sandbox.threads import default_threads
+from sandbox.threads import default_threads, usable_cores
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,13 +82,9 @@ RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use s
 # Set in the environment of each run: the ablation's pid, so that the run ends when the ablation does.
 PARENT_PID_VARIABLE = "SANDBOX_ABLATE_PID"
 BACKENDS = ("local", "ray")
-# A rough cost model for `--dry-run`: seconds per run = start-up + steps x (per-step overhead + tokens per
-# step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
-# of the ablation have finished, the estimate is rescaled by how far off the model was for them.
-ROUGH_COST = {  # device: (start-up s, overhead s/step, s per token x layer x d_model^2)
-    "cuda": (40.0, 0.03, 4e-12),   # one H100: the default run (400 steps, 38 step/s) took 68 s from a cold start
-    "cpu": (5.0, 0.005, 8e-9),     # one busy 2-core machine: 400 steps of mqar at d_model 64 took 120 s (model: 114 s)
-}
+# `--dry-run` measures what runs cost here (see ``measure_costs``): PROBE_STEPS extra steps tell the cost of a
+# step apart from the start-up (Python, imports, building the model, the final evaluation and checkpoint).
+PROBE_STEPS = 4
 
 
 @dataclass
@@ -284,31 +280,93 @@ def check_resume(run: PlannedRun, folder: Path) -> None:
                              "choose another --out to keep both")
 
 
-def modeled_seconds(config: dict) -> float:
-    """Seconds one run should take according to ROUGH_COST (config: the planned keys, defaults for the rest)."""
+def work_units(config: dict) -> float | None:
+    """Tokens per step x layers x d_model^2, which a step's time is taken proportional to when one measured
+    configuration stands for the others; None if the config's task is invalid (that run will fail at once)."""
     from sandbox.tasks import create_task
 
     config = {**RunConfig().to_dict(), **config}
-    device = config["device"]
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    startup, overhead, per_unit = ROUGH_COST["cpu" if device == "cpu" else "cuda"]
     try:
         seq_len = create_task(config["task"], config["task_args"], seq_len=config["seq_len"]).seq_len
     except ValueError:
-        return startup  # the run will stop at its bad value
-    units = config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
-    return startup + config["steps"] * (overhead + units * per_unit)
+        return None
+    return config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
 
 
-def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int) -> tuple[float, str]:
-    """Wall-clock estimate for the pending runs, and what it is based on."""
-    total = sum(modeled_seconds(run.config) for run in pending) / min(jobs, max(len(pending), 1))
-    if not finished:
-        return total, "rough cost model, no run has finished yet"
-    scale = statistics.fmean(results["wall_seconds"] / modeled_seconds(run.config) for run, results in finished)
-    return total * scale, f"cost model rescaled by {scale:.2g} to match {len(finished)} finished run(s)"
+def time_probe(config: dict, steps: int, threads: int) -> float:
+    """Seconds a `sandbox run` subprocess of ``config``, cut to ``steps`` steps, takes here from start to end."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = {**RunConfig().to_dict(), **config, "steps": steps, "warmup_steps": 0,
+                 "eval_every": steps, "checkpoint_every": steps}
+        save_config_file(RunConfig(**probe), Path(scratch) / "probe.toml")
+        command = [sys.executable, "-m", "sandbox", "run", "--config", str(Path(scratch) / "probe.toml"),
+                   "--out", str(Path(scratch) / "run")]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ValueError(f"estimate: a {steps}-step probe run of the first pending configuration failed: {last}")
+    return seconds
+
+
+@dataclass
+class Costs:
+    """What one run costs here, measured by two probe runs of one configuration."""
+
+    startup: float           # seconds outside the training steps: start-up, final evaluation, checkpoint
+    step: float              # seconds per training step of the probed configuration
+    units: float             # its work_units, to scale the step time to other configurations
+    probed: str              # the name of the run whose configuration was probed
+
+    def run_seconds(self, config: dict) -> float:
+        config = {**RunConfig().to_dict(), **config}
+        units = work_units(config)
+        if units is None:
+            return self.startup
+        step = self.step * units / self.units
+        # Evaluations: eval_batches forward passes (about a third of a training step each) every eval_every
+        # steps; the probes included the last one in the start-up.
+        evaluations = max(0, config["steps"] // config["eval_every"] - 1) * config["eval_batches"] * step / 3
+        return self.startup + config["steps"] * step + evaluations
+
+
+def measure_costs(pending: list[PlannedRun], threads: int) -> Costs | None:
+    """Start-up and step cost here, from probe runs of the first pending run with a valid task (None if none)."""
+    def valid(run: PlannedRun) -> bool:
+        try:
+            resolve_config(run.config)
+        except ValueError:
+            return False
+        return work_units(run.config) is not None
+
+    probed = next((run for run in pending if valid(run)), None)
+    if probed is None:
+        return None
+    short, longer = time_probe(probed.config, 1, threads), time_probe(probed.config, 1 + PROBE_STEPS, threads)
+    step = max(longer - short, 0.0) / PROBE_STEPS
+    return Costs(startup=max(short - step, 0.0), step=step, units=work_units(probed.config), probed=probed.name)
+
+
+def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int,
+                     costs: Costs | None, cores: int) -> tuple[float, str]:
+    """Wall-clock estimate for the pending runs, and what it is based on. The runs of one CPU share its cores:
+    at most ``cores`` of them make progress at once."""
+    if not pending:
+        return 0.0, "nothing to run"
+    if costs is None:
+        return 0.0, "every pending run has an invalid configuration and will stop at once"
+    parallel = max(1, min(jobs, len(pending), cores))
+    total = sum(costs.run_seconds(run.config) for run in pending) / parallel
+    basis = f"measured here: start-up {costs.startup:.1f} s, {costs.step:.3g} s per step of {costs.probed}"
+    if finished:   # how far off the model was for the runs that finished (their training time + start-up)
+        scale = statistics.fmean((results["wall_seconds"] + costs.startup) / costs.run_seconds(run.config)
+                                 for run, results in finished)
+        total *= scale
+        basis += f"; rescaled by {scale:.2g} to match {len(finished)} finished run(s)"
+    return total, basis
 
 
 def end_with_parent(parent_pid: int) -> None:
@@ -426,8 +484,14 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
         for run in runs:
             state = "resume " if run.name in resumable else "pending" if run.name in pending_names else "done   "
             print(f"  {state}  {run.name}")
-        seconds, basis = estimate_seconds(pending, finished, jobs)
-        print(f"estimate: about {format_duration(seconds)} with --jobs {jobs} ({basis})")
+        import torch
+
+        threads = default_threads(jobs)
+        costs = measure_costs(pending, threads)
+        # On the CPU the runs share its cores; on GPUs each job is taken to run at full speed.
+        cores = jobs if torch.cuda.is_available() else usable_cores()
+        seconds, basis = estimate_seconds(pending, finished, jobs, costs, cores)
+        print(f"estimate: about {format_duration(seconds)} with --jobs {jobs}, {threads} thread(s) each ({basis})")
         return root
 
     import torch
