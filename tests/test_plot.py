@@ -75,3 +75,19 @@ def test_plot_rejects_what_is_not_a_run(tmp_path):
         plot([str(tmp_path)], tmp_path / "a.png")
     with pytest.raises(ValueError, match="--x: expected steps or tokens"):
         plot([str(tmp_path)], tmp_path / "a.png", x="epochs")
+
+
+def test_plot_command_writes_a_new_file_and_never_overwrites(ablation, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sandbox.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    first = CliRunner().invoke(app, ["plot", str(ablation)])
+    second = CliRunner().invoke(app, ["plot", str(ablation), "--x", "tokens"])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "curves-1.png").is_file()
+    taken = CliRunner().invoke(app, ["plot", str(ablation), "--out", "curves.png"])
+    assert taken.exit_code == 2 and taken.output.startswith("error: --out: curves.png already exists")
+    missing = CliRunner().invoke(app, ["plot", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "RUN_OR_ABLATION: no such folder" in missing.output
