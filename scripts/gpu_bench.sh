@@ -6,9 +6,11 @@
 # prints the versions, and runs `sandbox bench` with any extra flags given, writing into $OUT (default:
 # ./bench-out). fla refuses its gated kernels on Hopper with Triton < 3.7.1; the guard is lifted for timing.
 #
-# fla's autotuning (minutes per function and shape) is paid once: FLA_WARM="rule ..." first compiles fla's
-# configs for those rules in parallel processes (scripts/fla_warmup.py), and the configs fla chose are saved
-# to $OUT/fla_autotune.tar.gz; FLA_AUTOTUNE=<that file> restores them on a fresh machine.
+# Compiling and fla's autotuning (minutes per function and shape) are paid up front and in parallel:
+# WARM="rule ..." (our kernels) and FLA_WARM="rule ..." (fla's counterparts) first run scripts/warmup.py on
+# those rules (shapes: WARM_SHAPES, default both of the bench). The configs fla chose are saved to
+# $OUT/fla_autotune.tar.gz; FLA_AUTOTUNE=<that file> restores them on a fresh machine, so fla compiles only
+# its chosen configs.
 set -euo pipefail
 
 OUT=${OUT:-bench-out}
@@ -36,12 +38,12 @@ fi
 save_autotune() {
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar -czf "$OUT/fla_autotune.tar.gz" -T -)
 }
-if [ -n "${FLA_WARM:-}" ]; then
-    shapes=()
-    for s in ${FLA_SHAPES:-8,4096,16,128 32,512,4,64}; do shapes+=(--shape "$s"); done
-    rules=()
-    for r in $FLA_WARM; do rules+=(--rule "$r"); done
-    python3 scripts/fla_warmup.py "${shapes[@]}" "${rules[@]}" 2>&1 | tee "$OUT/fla_warmup.log"
+if [ -n "${WARM:-}${FLA_WARM:-}" ]; then
+    args=()
+    for s in ${WARM_SHAPES:-8,4096,16,128 32,512,4,64}; do args+=(--shape "$s"); done
+    for r in ${WARM:-}; do args+=(--triton "$r"); done
+    for r in ${FLA_WARM:-}; do args+=(--fla "$r"); done
+    python3 scripts/warmup.py "${args[@]}" 2>&1 | tee "$OUT/warmup.log" || echo "warm-up failed: the bench compiles and autotunes itself"
     save_autotune
 fi
 
