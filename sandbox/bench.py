@@ -151,17 +151,16 @@ def random_inputs(rule: Rule, shape: Shape, dtype: torch.dtype, device: torch.de
 
 
 def fla_call(fla, rule_name: str) -> Callable[..., Tensor] | None:
-    """The fla 0.6.0 function computing the same ``o`` as our rule, with our gates mapped onto fla's.
+    """The fla 0.6.0 kernel computing the same ``o`` as our rule, with our gates mapped onto fla's.
 
     fla's ``g`` is our ``log_alpha`` (natural log). ``beta`` is cast to the activations' dtype as fla's own
     layers produce it. ``chunk_simple_gla`` has no beta, so ``decay`` folds it into v (one extra multiply,
-    timed). fla's momentum rule is MDN with probe ``p = alpha k`` (``use_p_times_alpha``); ``decay_momentum``
-    is that rule with probe 0. Our keys are already l2-normalised, so fla's in-kernel normalisation is off.
+    timed). Our keys are already l2-normalised, so fla's in-kernel normalisation is off. The momentum rules
+    have none: fla's ``chunk_momentum_delta_rule`` is pure PyTorch and wrong where mu << alpha (BENCHMARKS.md).
     """
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.linear_attn import chunk_linear_attn
-    from fla.ops.momentum_delta_rule import chunk_momentum_delta_rule
     from fla.ops.simple_gla import chunk_simple_gla
 
     def linear(q, k, v):
@@ -176,15 +175,7 @@ def fla_call(fla, rule_name: str) -> Callable[..., Tensor] | None:
     def gated_delta(q, k, v, log_alpha, beta):
         return chunk_gated_delta_rule(q, k, v, g=log_alpha, beta=beta.to(q.dtype))[0]
 
-    def momentum_delta(q, k, v, log_alpha, beta, log_mu, eta):
-        return chunk_momentum_delta_rule(q, k, v, log_alpha, log_mu, beta=beta.to(q.dtype), eta=eta.to(q.dtype),
-                                         use_qk_l2norm_in_kernel=False, use_p_times_alpha=True)[0]
-
-    def decay_momentum(q, k, v, log_alpha, beta, log_mu, eta):
-        return chunk_momentum_delta_rule(q, k, v, log_alpha, log_mu, p=torch.zeros_like(k), beta=beta.to(q.dtype),
-                                         eta=eta.to(q.dtype), use_qk_l2norm_in_kernel=False)[0]
-
-    return {fn.__name__: fn for fn in (linear, decay, delta, gated_delta, momentum_delta, decay_momentum)}.get(rule_name)
+    return {fn.__name__: fn for fn in (linear, decay, delta, gated_delta)}.get(rule_name)
 
 
 def skip_reason(rule: Rule, impl: str, shape: Shape, device: torch.device, fla, naive_max_t: int) -> str | None:
@@ -195,7 +186,7 @@ def skip_reason(rule: Rule, impl: str, shape: Shape, device: torch.device, fla, 
     if impl == "fla" and fla is None:
         return "fla is not installed"
     if impl == "fla" and fla_call(fla, rule.name) is None:
-        return "no fla counterpart"
+        return "no fla kernel (the ratio columns use COUNTERPART)"
     return None
 
 
