@@ -94,8 +94,30 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
     # (Not on 16-wide tiles: with 8 warps there the momentum backward faulted on the H100, K = 16 in float32.)
     if (switches["DECAY"] or switches["DELTA"]) and BK >= 32:
         backward_chunk.update(num_warps=8, num_stages=1)
+    forward_output = {"BK": BK, "BV": BV_out, **plain}
+    if q.dtype == torch.bfloat16 and 64 <= BK <= 128:
+        # bf16 operands (half the registers and shared memory of float32 ones) moved the best options; the
+        # fastest per rule and kernel of an H100 sweep at K = V = 128 (BENCHMARKS.md, kernel versions, v4).
+        wide = min(V_pow2, 64)
+        forward_output.update(BV=min(V_pow2, 128))
+        if not switches["DELTA"] and not switches["MOMENTUM"]:            # linear, decay
+            backward_chunk.update(BV=wide)
+            forward_scan.update(BV=wide, num_warps=8)
+            if switches["DECAY"]:
+                backward_scan.update(BV=wide, num_warps=8)
+            else:
+                backward_scan.update(num_stages=2)
+        elif not switches["MOMENTUM"]:                                    # delta, gated_delta
+            backward_chunk.update(num_stages=2)
+        elif switches["DELTA"]:                                           # momentum_delta
+            backward_chunk.update(BV=wide)
+            backward_scan.update(num_stages=2)
+        else:                                                             # decay_momentum
+            backward_chunk.update(num_stages=2)
+            forward_scan.update(num_stages=2)
+            backward_scan.update(num_stages=2)
     return {"PREC": prec, "prepare": {"BK": BK, **plain}, "forward_scan": forward_scan,
-            "forward_output": {"BK": BK, "BV": BV_out, **plain}, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
+            "forward_output": forward_output, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
             "backward_scan": backward_scan, "backward_chunk": backward_chunk}
 
 
