@@ -83,15 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--compile")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (repeatable)")
     args = parser.parse_args()
     if args.compile:
         compile_variant(args.compile)
         return
-    procs = [subprocess.Popen([sys.executable, __file__, "--compile", name]) for name in VARIANTS]
+    variants = args.variant or list(VARIANTS)
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile", name]) for name in variants]
     for proc in procs:
         proc.wait()
     results = {}
-    for name in VARIANTS:
+    for name in variants:
         use_variant(name)
         for rule in RULES:
             try:
