@@ -7,8 +7,8 @@ buffer set-up: about five launches forward and five backward.
 
 Layout ``[B, T, H, D]``; gates are handled as float32 ``[B * H, N * C]`` (padded to whole chunks with
 log-gates 0 and beta = eta = 0, which leaves the states unchanged); initial and final states float32
-``[B, H, K, V]``; between the kernels U and the per-chunk states in bfloat16 for bfloat16 inputs, float32
-otherwise.
+``[B, H, K, V]``; between the kernels U and the per-chunk states in bfloat16 for bfloat16 inputs with head
+sizes up to 128, float32 otherwise.
 On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), slowly but exactly in float32.
 """
@@ -121,14 +121,16 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
             "backward_scan": backward_scan, "backward_chunk": backward_chunk}
 
 
-def _between_kernels_dtype(q: Tensor) -> torch.dtype:
+def _between_kernels_dtype(q: Tensor, K: int, V: int) -> torch.dtype:
     """Storage of U and of the per-chunk states and their gradients between kernels.
 
-    bfloat16 for bfloat16 inputs (half the memory and traffic; the rounding, 2^-9 relative, is that of the
-    inputs themselves, and the products read them as bf16 tensor-core operands); float32 otherwise (float16's
-    range is too narrow for states and their gradients, float32 inputs get float32 accuracy).
+    bfloat16 for bfloat16 inputs with head sizes up to 128 (half the memory and traffic; the rounding, 2^-9
+    relative, is that of the inputs themselves, and the products read them as bf16 tensor-core operands);
+    float32 otherwise: float16's range is too narrow for states and their gradients, float32 inputs get
+    float32 accuracy, and at head size 256 (256-row K tiles, 16-wide V tiles) the bf16 operands faulted and
+    gave wrong outputs on the H100 (Triton 3.6), where the float32 ones pass.
     """
-    return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    return torch.bfloat16 if q.dtype == torch.bfloat16 and max(K, V) <= 128 else torch.float32
 
 
 class ChunkRuleFunction(torch.autograd.Function):
@@ -146,7 +148,7 @@ class ChunkRuleFunction(torch.autograd.Function):
         gA, b, gM, e = _chunk_gates([log_alpha, beta, log_mu, eta], N, C, switches)
         cfg = _launch_config(q, K, V, {**switches, "DELTA": rule.delta})
         f32 = {"device": q.device, "dtype": torch.float32}
-        kept = {"device": q.device, "dtype": _between_kernels_dtype(q)}
+        kept = {"device": q.device, "dtype": _between_kernels_dtype(q, K, V)}
         S_init = None if S_init is None else S_init.float().contiguous()
         M_init = None if M_init is None else M_init.float().contiguous()
         save = any(ctx.needs_input_grad)
@@ -186,7 +188,7 @@ class ChunkRuleFunction(torch.autograd.Function):
         V = v.shape[-1]
         N = triton.cdiv(T, C)
         f32 = {"device": q.device, "dtype": torch.float32}
-        kept = {"device": q.device, "dtype": _between_kernels_dtype(q)}
+        kept = {"device": q.device, "dtype": _between_kernels_dtype(q, K, V)}
         if do is None:
             do = torch.zeros_like(v)
         do = do.contiguous()

@@ -28,8 +28,8 @@ chunk and V tile, in parallel: O from the start states, U and the chunk's own ``
 per-chunk end-state gradients) and ``backward_chunk`` (per chunk and K tile: dq, dk and the gate gradients).
 Only the hand-over of the states is sequential: nothing of O(C^2 K) or O(C^3) work per chunk runs in the
 scans. Between the kernels Tm, dR and dW are float32; U, the per-chunk start states and their gradients are
-bfloat16 for bfloat16 inputs (read back as bf16 tensor-core operands, gates applied after the product) and
-float32 otherwise. The backward never transposes a ``tl.dot`` result before feeding it to another
+bfloat16 for bfloat16 inputs with head sizes up to 128 (read back as bf16 tensor-core operands, gates applied
+after the product) and float32 otherwise. The backward never transposes a ``tl.dot`` result before feeding it to another
 ``tl.dot`` (Triton 3.4-3.7.0 miscompiles that on Hopper): every transposed product is computed from loaded
 operands or from matrices built transposed.
 """
