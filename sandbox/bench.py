@@ -38,7 +38,9 @@ import typer
 from torch import Tensor
 from tqdm import tqdm
 
+from sandbox.errors import fail
 from sandbox.rules import Rule, get_rule, list_rules
+from sandbox.runfolder import write_text_atomically
 
 IMPLS = ("naive", "chunk", "triton", "fla")
 DEFAULT_SHAPES = ("8,4096,16,128", "32,512,4,64")
@@ -239,14 +241,8 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
     if reason:
         result.note = reason
         return result
-    expected = reference() if reference is not None else None     # before the baseline: not this case's memory
-    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    inputs = random_inputs(rule, shape, dtype, device, seed)
-    leaves = [inputs["q"], inputs["k"], inputs["v"], *inputs["gates"].values()]
     forward = make_forward(rule, impl, chunk_size, fla)
-    args = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], **inputs["gates"])
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    grad_out = torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g, device=device, dtype=dtype)
+    expected = inputs = leaves = args = grad_out = None
 
     def infer() -> Tensor:
         with torch.no_grad():
@@ -256,7 +252,14 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
         forward(**args).backward(grad_out)
 
     warnings = []
-    try:
+    try:   # building the inputs can run out of memory too: that is this case failing, not the run
+        expected = reference() if reference is not None else None     # before the baseline: not this case's memory
+        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        inputs = random_inputs(rule, shape, dtype, device, seed)
+        leaves = [inputs["q"], inputs["k"], inputs["v"], *inputs["gates"].values()]
+        args = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], **inputs["gates"])
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        grad_out = torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g, device=device, dtype=dtype)
         if backward:
             for x in leaves:
                 x.requires_grad_(True)
@@ -401,8 +404,6 @@ def bench_command(
                                           "cases are kept, only the others run; all go to --out."),
 ) -> None:
     """Time forward and forward+backward, and peak memory, of the rules' implementations (and fla's)."""
-    from sandbox.cli import fail
-
     try:
         shapes = list(dict.fromkeys(parse_shape(s) for s in (shape or DEFAULT_SHAPES)))   # repeats dropped
         unknown = [name for name in rule or [] if name not in list_rules()]
@@ -424,6 +425,11 @@ def bench_command(
             raise ValueError(f"--out: folder {out.parent} does not exist")
         run_options = {"dtype": dtype, "backward": backward, "chunk_size": chunk_size, "seed": seed, "check": check}
         earlier = load_resume(resume, run_options, environment(torch_device, fla)["device"]) if resume else []
+        path = out or default_out_path()
+        try:
+            open(path, "x").close()                # claim the name now; "x" never overwrites an existing file
+        except OSError as error:
+            raise ValueError(f"--out: cannot create {path} ({error.strerror})") from None
     except ValueError as error:
         fail(str(error))
 
@@ -437,8 +443,6 @@ def bench_command(
     timer = ("triton.testing.do_bench, median (after a warm-up call)" if torch_device.type == "cuda"
              else f"time.perf_counter, median of {repeats} runs (after a warm-up call)")
 
-    path = out or default_out_path()
-    open(path, "x").close()                        # claim the name now; "x" never overwrites an existing file
     env = environment(torch_device, fla)
     report = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -477,10 +481,10 @@ def bench_command(
         results = [done[case] for case in sorted(done, key=table_order)]
         add_ratios(results)
         report["results"] = [asdict(x) for x in results]
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(path, json.dumps(report, indent=2) + "\n")   # never half a file
         return results
 
-    results = save()
+    results = save()                     # valid JSON from the start (with the cases --resume kept)
     references: dict[tuple[Shape, str], Callable[[], Tensor]] = {}
     for s, r, i in tqdm(cases, desc="bench", unit="case"):
         # the loop's output is computed once per (shape, rule), and only if some impl of it runs
