@@ -9,7 +9,7 @@ Figures: a chapter draws into ``$TUTORIAL_FIGURES`` (default ``tutorials/figures
 folder, and every figure the chapter shows (``![...](figures/NAME.png)``) must have been redrawn there and look
 like the committed PNG: same size, and only a few pixels different (fonts may render a little differently on
 another machine; a changed curve, axis or colour map does not pass). To refresh the committed PNGs after a
-deliberate change: ``TUTORIAL_FIGURES=$PWD/tutorials/figures python -m pytest tests/test_tutorials.py``.
+deliberate change: ``TUTORIAL_REFRESH_FIGURES=1 python -m pytest tests/test_tutorials.py`` (then look at them).
 
 Exercises: each chapter ends with a ``## Exercises`` section of 2 or 3 numbered exercises; their worked
 solutions are the ``## Chapter N`` sections of ``tutorials/solutions.md``, run here like chapters.
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +116,8 @@ def test_chapter_runs_and_redraws_its_figures(path: Path, tmp_path: Path, monkey
     assert sorted(set(shown)) == made, f"{path.name}: figures shown {sorted(set(shown))}, figures drawn {made}"
     for name in made:
         committed = FIGURES / name
+        if os.environ.get("TUTORIAL_REFRESH_FIGURES") == "1":
+            shutil.copyfile(drawn / name, committed)
         assert committed.exists(), f"{path.name}: figures/{name} is drawn but not committed"
         problem = figure_difference(drawn / name, committed)
         assert problem is None, f"{path.name}: figures/{name} redrawn differs from the committed PNG: {problem}"
