@@ -34,7 +34,9 @@ import typer
 from torch import Tensor
 from tqdm import tqdm
 
+from sandbox.errors import fail
 from sandbox.rules import Rule, get_rule, list_rules
+from sandbox.runfolder import write_text_atomically
 
 IMPLS = ("naive", "chunk", "triton", "fla")
 DEFAULT_SHAPES = ("8,4096,16,128", "32,512,4,64")
@@ -238,14 +240,8 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
     if reason:
         result.note = reason
         return result
-    expected = reference() if reference is not None else None     # before the baseline: not this case's memory
-    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    inputs = random_inputs(rule, shape, dtype, device, seed)
-    leaves = [inputs["q"], inputs["k"], inputs["v"], *inputs["gates"].values()]
     forward = make_forward(rule, impl, chunk_size, fla)
-    args = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], **inputs["gates"])
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    grad_out = torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g, device=device, dtype=dtype)
+    expected = inputs = leaves = args = grad_out = None
 
     def infer() -> Tensor:
         with torch.no_grad():
@@ -255,7 +251,14 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
         forward(**args).backward(grad_out)
 
     warnings = []
-    try:
+    try:   # building the inputs can run out of memory too: that is this case failing, not the run
+        expected = reference() if reference is not None else None     # before the baseline: not this case's memory
+        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        inputs = random_inputs(rule, shape, dtype, device, seed)
+        leaves = [inputs["q"], inputs["k"], inputs["v"], *inputs["gates"].values()]
+        args = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], **inputs["gates"])
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        grad_out = torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g, device=device, dtype=dtype)
         if backward:
             for x in leaves:
                 x.requires_grad_(True)
@@ -373,8 +376,6 @@ def bench_command(
                                              "(their gradients can be wrong there; for timing only)."),
 ) -> None:
     """Time forward and forward+backward, and peak memory, of the rules' implementations (and fla's)."""
-    from sandbox.cli import fail
-
     try:
         shapes = list(dict.fromkeys(parse_shape(s) for s in (shape or DEFAULT_SHAPES)))   # repeats dropped
         unknown = [name for name in rule or [] if name not in list_rules()]
@@ -394,6 +395,11 @@ def bench_command(
             raise ValueError(f"--out: {out} already exists (earlier results are never overwritten); pick a new name")
         if out is not None and not out.parent.is_dir():
             raise ValueError(f"--out: folder {out.parent} does not exist")
+        path = out or default_out_path()
+        try:
+            open(path, "x").close()                # claim the name now; "x" never overwrites an existing file
+        except OSError as error:
+            raise ValueError(f"--out: cannot create {path} ({error.strerror})") from None
     except ValueError as error:
         fail(str(error))
 
@@ -407,8 +413,6 @@ def bench_command(
     timer = ("triton.testing.do_bench, median (after a warm-up call)" if torch_device.type == "cuda"
              else f"time.perf_counter, median of {repeats} runs (after a warm-up call)")
 
-    path = out or default_out_path()
-    open(path, "x").close()                        # claim the name now; "x" never overwrites an existing file
     env = environment(torch_device, fla)
     report = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -421,6 +425,7 @@ def bench_command(
         "notes": notes,
         "results": [],
     }
+    write_text_atomically(path, json.dumps(report, indent=2) + "\n")   # valid JSON from the start
 
     def table_order(case: tuple[Shape, Rule, str]) -> tuple[int, int, int]:
         shape_, rule_, impl_ = case
@@ -450,7 +455,8 @@ def bench_command(
         results = [done[case] for case in sorted(done, key=table_order)]
         add_ratios(results)
         report["results"] = [asdict(x) for x in results]
-        path.write_text(json.dumps(report, indent=2) + "\n")   # after every case: a cut-short run keeps its results
+        # After every case, atomically: a run cut short keeps the results so far, never half a file.
+        write_text_atomically(path, json.dumps(report, indent=2) + "\n")
 
     typer.echo(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | fla {env['fla'] or '-'} | "
                f"{dtype} | timer: {timer}")
