@@ -287,7 +287,11 @@ class RunFolder:
 
 def read_run_config(folder: Path) -> dict[str, Any]:
     """The keys a run folder's config.toml sets; ``out`` is dropped (older versions saved it)."""
-    config = load_config(Path(folder) / CONFIG)
+    try:
+        config = load_config(Path(folder) / CONFIG)
+    except ValueError as error:
+        raise ValueError(f"{error}; repair that file by hand (the run's checkpoint.pt holds the settings it "
+                         "was trained with), or start a new run") from None
     config.pop("out", None)
     return config
 
