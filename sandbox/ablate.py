@@ -82,9 +82,10 @@ RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use s
 # Set in the environment of each run: the ablation's pid, so that the run ends when the ablation does.
 PARENT_PID_VARIABLE = "SANDBOX_ABLATE_PID"
 BACKENDS = ("local", "ray")
-# `--dry-run` measures what runs cost here (see ``measure_costs``): PROBE_STEPS extra steps tell the cost of a
-# step apart from the start-up (Python, imports, building the model, the final evaluation and checkpoint).
-PROBE_STEPS = 4
+# `--dry-run` measures what runs cost here (see ``measure_costs``): a run of PROBE_STEPS steps, whose own
+# tokens/s give the time of a step, and whose time from start to end less its steps gives the start-up
+# (Python, imports, building the model, the first step's warm-up, the final evaluation and checkpoint).
+PROBE_STEPS = 6
 
 
 @dataclass
@@ -293,28 +294,29 @@ def work_units(config: dict) -> float | None:
     return config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
 
 
-def time_probe(config: dict, steps: int, threads: int) -> float:
-    """Seconds a `sandbox run` subprocess of ``config``, cut to ``steps`` steps, takes here from start to end."""
+def probe_run(config: dict, threads: int) -> tuple[float, dict]:
+    """A `sandbox run` subprocess of ``config`` cut to PROBE_STEPS steps: the seconds it took here from start
+    to end, and its results (whose tokens/s time the steps alone, the first one left out)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        probe = {**RunConfig().to_dict(), **config, "steps": steps, "warmup_steps": 0,
-                 "eval_every": steps, "checkpoint_every": steps}
+        probe = {**RunConfig().to_dict(), **config, "steps": PROBE_STEPS, "warmup_steps": 0,
+                 "eval_every": PROBE_STEPS, "checkpoint_every": PROBE_STEPS}
         save_config_file(RunConfig(**probe), Path(scratch) / "probe.toml")
         command = [sys.executable, "-m", "sandbox", "run", "--config", str(Path(scratch) / "probe.toml"),
                    "--out", str(Path(scratch) / "run")]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
         seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ValueError(f"estimate: a {steps}-step probe run of the first pending configuration failed: {last}")
-    return seconds
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ValueError(f"estimate: a {PROBE_STEPS}-step probe run of the first pending configuration failed: {last}")
+        return seconds, read_results(Path(scratch) / "run")
 
 
 @dataclass
 class Costs:
-    """What one run costs here, measured by two probe runs of one configuration."""
+    """What one run costs here, measured by a probe run of one configuration."""
 
     startup: float           # seconds outside the training steps: start-up, final evaluation, checkpoint
     step: float              # seconds per training step of the probed configuration
@@ -334,7 +336,7 @@ class Costs:
 
 
 def measure_costs(pending: list[PlannedRun], threads: int) -> Costs | None:
-    """Start-up and step cost here, from probe runs of the first pending run with a valid task (None if none)."""
+    """Start-up and step cost here, from a probe run of the first pending run with a valid config (None if none)."""
     def valid(run: PlannedRun) -> bool:
         try:
             resolve_config(run.config)
@@ -345,9 +347,11 @@ def measure_costs(pending: list[PlannedRun], threads: int) -> Costs | None:
     probed = next((run for run in pending if valid(run)), None)
     if probed is None:
         return None
-    short, longer = time_probe(probed.config, 1, threads), time_probe(probed.config, 1 + PROBE_STEPS, threads)
-    step = max(longer - short, 0.0) / PROBE_STEPS
-    return Costs(startup=max(short - step, 0.0), step=step, units=work_units(probed.config), probed=probed.name)
+    seconds, results = probe_run(probed.config, threads)
+    config = {**RunConfig().to_dict(), **probed.config}
+    step = config["batch_size"] * results["seq_len"] / results["tokens_per_second"]
+    return Costs(startup=max(seconds - PROBE_STEPS * step, 0.0), step=step, units=work_units(probed.config),
+                 probed=probed.name)
 
 
 def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int,
