@@ -167,3 +167,61 @@ def test_gpu_run_in_bf16_with_the_automatic_implementation(tmp_path, rule):
     assert results["impl"] == ("sdpa" if rule == "attention" else "triton")   # the kernels pass their self-test
     resumed, _ = resume(folder, {"steps": 32}, progress=False)
     assert len(train_losses(resumed)) == 32
+
+
+def compile_for_test(monkeypatch, backend: str = "aot_eager") -> None:
+    """Compile on the CPU too, through dynamo and AOT autograd without generating C++ (fast), and in one
+    piece: a graph break anywhere in the forward and loss fails the capture."""
+    original = torch.compile
+    monkeypatch.setitem(train_module.COMPILE_FORWARD, "cpu", True)
+    monkeypatch.setattr(torch, "compile", lambda fn: original(fn, backend=backend, fullgraph=True))
+
+
+@pytest.mark.parametrize("rule, impl", [("momentum_delta", "triton"), ("attention", "auto")])
+def test_compiled_step_matches_eager(tmp_path, monkeypatch, rule, impl):
+    eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), rule=rule, impl=impl, steps=4,
+                                 compile=False), progress=False)
+    compile_for_test(monkeypatch)
+    compiled, results = train(tiny_config(tmp_path, out=str(tmp_path / "compiled"), rule=rule, impl=impl, steps=4),
+                              progress=False)
+    assert results["compiled"]
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
+
+
+def test_failed_capture_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, capsys):
+    eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), steps=4, compile=False), progress=False)
+    monkeypatch.setitem(train_module.COMPILE_FORWARD, "cpu", True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", lambda fn: broken)
+    folder, results = train(tiny_config(tmp_path, out=str(tmp_path / "fallback"), steps=4), progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: capturing the training step failed (RuntimeError: no compiler here); "
+                     "training without --compile"]
+    assert not results["compiled"] and train_losses(folder) == train_losses(eager)
+
+
+def test_results_hold_valid_and_test_metrics(tmp_path):
+    folder, results = train(tiny_config(tmp_path, steps=2, eval_every=1), progress=False)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [1, 2]
+    assert results["final_metric"] == valid[-1]["accuracy"] and results["final_loss"] == valid[-1]["loss"]
+    assert 0 <= results["test_metric"] <= 1 and results["test_loss"] > 0
+    assert results["test_loss"] != results["final_loss"]   # another stream of examples
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["momentum_delta", "attention"])
+def test_gpu_captured_step_matches_eager(tmp_path, rule):
+    losses = {}
+    for compile in (False, True):
+        folder, results = train(tiny_config(tmp_path, out=str(tmp_path / f"run-{compile}"), rule=rule, device="cuda",
+                                            impl="auto", chunk_size=16, steps=12, compile=compile), progress=False)
+        assert results["compiled"] == results["cuda_graph"] == compile
+        losses[compile] = train_losses(folder)
+    # bf16 autocast: fused and unfused kernels round differently; the losses must still track each other.
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
