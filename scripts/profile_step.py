@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import sandbox.train as train_module
 from sandbox.config import resolve_config
 from sandbox.train import Trainer
 
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-inductor", action="store_true", help="capture the step without torch.compile")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -78,6 +80,8 @@ def main() -> None:
     except ValueError:   # the trainer of 3395388 has no compile option
         values.pop("compile")
         config = resolve_config(values)
+    if args.no_inductor:
+        train_module.COMPILE_FORWARD["cuda"] = False
     trainer = Trainer(config, progress=False)
     trainer.start(Path(config.out))
     cuda = trainer.device.type == "cuda"
