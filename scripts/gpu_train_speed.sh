@@ -19,7 +19,7 @@ for spec in "$@"; do
   start=$(date +%s.%N)
   ( cd "$tree" && export PYTHONPATH=$PWD TRITON_CACHE_DIR=$cache/triton TORCHINDUCTOR_CACHE_DIR=$cache/inductor &&
     timeout 240 python3 -c "import sys, sandbox.train as T
-T.COMPILE_FORWARD['cuda'] = sys.argv[1] != 'graph'
+getattr(T, 'COMPILE_FORWARD', {})['cuda'] = sys.argv[1] != 'graph'
 from sandbox.cli import app
 sys.argv = sys.argv[1:]
 app()" "$mode" "${args[@]}" ) > "$OUT/runs/$name.log" 2>&1
