@@ -15,9 +15,10 @@ A non-finite loss or gradient norm stops the run (``NonFiniteLoss``) and leaves 
 Speed: the training step runs without host synchronisation. Batches are generated a block of steps at a
 time and copied to the device in one go; the loss and gradient norm of every step land in a device buffer
 that is read (and checked for NaN) only on logging steps and before evaluations and checkpoints. With
-``compile`` (the default) the forward and loss go through ``torch.compile`` where that was measured to pay,
-and on CUDA the whole step (forward, backward, clipping, AdamW) is captured once as a CUDA graph and replayed;
-if either fails, a one-line note says so and the run goes on eagerly.
+``compile`` (the default) the whole step on CUDA (forward, backward, clipping, AdamW) is captured once as a
+CUDA graph and replayed; ``inductor`` also sends the forward and loss through ``torch.compile`` (fewer, fused
+kernels: faster steps, but tens of seconds of compilation on a fresh machine). If either fails, a one-line
+note says so and the run goes on eagerly.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from sandbox.tasks.base import Task, split_generator
 CHECKPOINT = "checkpoint.pt"
 BLOCK_TOKENS = 2**18    # training tokens generated (on the CPU) and copied to the device at a time
 CAPTURE_AFTER = 3       # eager steps before a CUDA-graph capture: kernels compile and caches fill outside it
-# torch.compile the forward and loss on this kind of device when ``compile`` is on (measured, BENCHMARKS.md).
-COMPILE_FORWARD = {"cuda": True, "cpu": False}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,18 +70,24 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
-def choose_impl(config: RunConfig, device: torch.device) -> str:
-    """The rule implementation actually used; an explicit ``triton`` must pass its self-test here."""
+def choose_impl(config: RunConfig, device: torch.device, seq_len: int) -> str:
+    """The rule implementation actually used; an explicit ``triton`` must pass its self-test here.
+
+    The self-test runs the run's own rule, sequence length, heads, head size and (on CUDA, bf16) dtype, so the
+    kernels it compiles are the ones the training steps use.
+    """
     if config.rule == ATTENTION:
         return "sdpa"
+    self_test = {"rule_name": config.rule, "shape": (1, seq_len, config.heads, config.d_model // config.heads),
+                 "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
     if config.impl == "triton":
         if config.chunk_size not in (16, 32, 64):
             raise ValueError(f"chunk_size: the triton kernels take 16, 32 or 64, got {config.chunk_size}")
-        works, reason = triton_works(device, config.chunk_size)
+        works, reason = triton_works(device, config.chunk_size, **self_test)
         if not works:
             raise ValueError(f"impl: the triton kernels do not run on {device} here ({reason}); "
                              "use --impl chunk, or a GPU (or TRITON_INTERPRET=1 on CPU, slow)")
-    return resolve_impl(config.impl, device, config.chunk_size)
+    return resolve_impl(config.impl, device, config.chunk_size, **self_test)
 
 
 def new_run_folder(out: str | None, config: RunConfig) -> Path:
@@ -168,7 +173,7 @@ class Trainer:
         """Build the task, model and optimizer; bad input raises ValueError here, before any folder exists."""
         self.device = choose_device(config.device)
         config, self.task = resolve_task(config)
-        self.impl = choose_impl(config, self.device)
+        self.impl = choose_impl(config, self.device, self.task.seq_len)
         self.config, self.progress = config, progress
 
         torch.manual_seed(config.seed)
@@ -181,7 +186,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.optimizer_groups(config.weight_decay), lr=lr,
                                            betas=(0.9, 0.95), fused=on_cuda, capturable=self.capture)
         self.forward_loss = self._forward_loss
-        if config.compile and COMPILE_FORWARD.get(self.device.type, False):
+        if config.compile and config.inductor:
             self.forward_loss = torch.compile(self._forward_loss)
         self.train_batches = BatchStream(self.task, "train", config.seed, config.batch_size, self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -562,7 +567,8 @@ def run_command(
     checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Checkpoint every N steps and at the end (default {DEFAULTS.checkpoint_every}).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default auto: cuda if available).")] = None,
     impl: Annotated[Optional[str], typer.Option(help="auto, naive, chunk or triton (default auto: triton on CUDA if its self-test passes, else chunk).")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Capture the training step: torch.compile and, on CUDA, one CUDA graph replayed every step; falls back to eager with a note if capture fails (default on).")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Capture the training step on CUDA as one CUDA graph replayed every step; falls back to eager with a note if capture fails (default on).")] = None,
+    inductor: Annotated[Optional[bool], typer.Option("--inductor/--no-inductor", help="With --compile, also torch.compile the forward and loss: faster steps, slower start (default off).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<rule>-<task>-<time>); an existing one gets a -N suffix.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with these settings; flags override it.")] = None,
     resume_from: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its checkpoint.")] = None,

@@ -2,7 +2,7 @@
 # Default `sandbox run` speed on one GPU, before and after, in one call:
 #   bash scripts/gpu_train_speed.sh OUT SPEC...     with SPEC = tree:mode:rule[:cold]
 # tree: a checkout (e.g. .wt/fast-base at 3395388, .wt/fast); mode: base (plain `sandbox run`), eager
-# (--no-compile), graph (CUDA graph, no inductor), compiled (the default: inductor + CUDA graph);
+# (--no-compile), graph (the default: CUDA graph), inductor (--inductor: torch.compile + CUDA graph);
 # cold: fresh Triton and inductor caches (else one warm cache per tree and mode).
 # Each run: tokens/s and final metric from results.json, wall from the shell (process start to exit).
 set -uo pipefail
@@ -16,13 +16,10 @@ for spec in "$@"; do
   mkdir -p "$cache"
   args=(run --rule "$rule" --out "$OUT/runs/$name")
   [ "$mode" = eager ] && args+=(--no-compile)
+  [ "$mode" = inductor ] && args+=(--inductor)
   start=$(date +%s.%N)
   ( cd "$tree" && export PYTHONPATH=$PWD TRITON_CACHE_DIR=$cache/triton TORCHINDUCTOR_CACHE_DIR=$cache/inductor &&
-    timeout 240 python3 -c "import sys, sandbox.train as T
-getattr(T, 'COMPILE_FORWARD', {})['cuda'] = sys.argv[1] != 'graph'
-from sandbox.cli import app
-sys.argv = sys.argv[1:]
-app()" "$mode" "${args[@]}" ) > "$OUT/runs/$name.log" 2>&1
+    timeout 240 python3 -m sandbox "${args[@]}" ) > "$OUT/runs/$name.log" 2>&1
   rc=$?
   wall=$(python3 -c "print($(date +%s.%N) - $start)")
   python3 - "$OUT/runs/$name" "$name" "$wall" "$rc" <<'PY' | tee -a "$OUT/runs.jsonl"

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import sandbox.train as train_module
 from sandbox.config import resolve_config
 from sandbox.train import Trainer
 
@@ -67,7 +66,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-inductor", action="store_true", help="capture the step without torch.compile")
+    parser.add_argument("--inductor", action="store_true", help="torch.compile the forward and loss too")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -75,13 +74,13 @@ def main() -> None:
     values = {"rule": args.rule, "device": args.device, "out": tempfile.mkdtemp()}
     if args.no_compile:
         values["compile"] = False
+    if args.inductor:
+        values["inductor"] = True
     try:
         config = resolve_config(values)
-    except ValueError:   # the trainer of 3395388 has no compile option
-        values.pop("compile")
+    except ValueError:   # the trainer of 3395388 has no compile options
+        values = {name: value for name, value in values.items() if name not in ("compile", "inductor")}
         config = resolve_config(values)
-    if args.no_inductor:
-        train_module.COMPILE_FORWARD["cuda"] = False
     trainer = Trainer(config, progress=False)
     trainer.start(Path(config.out))
     cuda = trainer.device.type == "cuda"

@@ -170,10 +170,9 @@ def test_gpu_run_in_bf16_with_the_automatic_implementation(tmp_path, rule):
 
 
 def compile_for_test(monkeypatch, backend: str = "aot_eager") -> None:
-    """Compile on the CPU too, through dynamo and AOT autograd without generating C++ (fast), and in one
-    piece: a graph break anywhere in the forward and loss fails the capture."""
+    """Compile through dynamo and AOT autograd without generating C++ (fast on a CPU), and in one piece: a
+    graph break anywhere in the forward and loss fails the capture."""
     original = torch.compile
-    monkeypatch.setitem(train_module.COMPILE_FORWARD, "cpu", True)
     monkeypatch.setattr(torch, "compile", lambda fn: original(fn, backend=backend, fullgraph=True))
 
 
@@ -182,7 +181,8 @@ def test_compiled_step_matches_eager(tmp_path, monkeypatch, rule, impl):
     eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), rule=rule, impl=impl, steps=4,
                                  compile=False), progress=False)
     compile_for_test(monkeypatch)
-    compiled, results = train(tiny_config(tmp_path, out=str(tmp_path / "compiled"), rule=rule, impl=impl, steps=4),
+    compiled, results = train(tiny_config(tmp_path, out=str(tmp_path / "compiled"), rule=rule, impl=impl, steps=4,
+                                          inductor=True),
                               progress=False)
     assert results["compiled"]
     assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
@@ -190,13 +190,12 @@ def test_compiled_step_matches_eager(tmp_path, monkeypatch, rule, impl):
 
 def test_failed_capture_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, capsys):
     eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), steps=4, compile=False), progress=False)
-    monkeypatch.setitem(train_module.COMPILE_FORWARD, "cpu", True)
-
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here\nsecond line")
 
     monkeypatch.setattr(torch, "compile", lambda fn: broken)
-    folder, results = train(tiny_config(tmp_path, out=str(tmp_path / "fallback"), steps=4), progress=False)
+    folder, results = train(tiny_config(tmp_path, out=str(tmp_path / "fallback"), steps=4, inductor=True),
+                            progress=False)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == ["note: capturing the training step failed (RuntimeError: no compiler here); "
                      "training without --compile"]
@@ -218,10 +217,12 @@ def test_results_hold_valid_and_test_metrics(tmp_path):
 @pytest.mark.parametrize("rule", ["momentum_delta", "attention"])
 def test_gpu_captured_step_matches_eager(tmp_path, rule):
     losses = {}
-    for compile in (False, True):
-        folder, results = train(tiny_config(tmp_path, out=str(tmp_path / f"run-{compile}"), rule=rule, device="cuda",
-                                            impl="auto", chunk_size=16, steps=12, compile=compile), progress=False)
-        assert results["compiled"] == results["cuda_graph"] == compile
-        losses[compile] = train_losses(folder)
+    for compile, inductor in ((False, False), (True, False), (True, True)):
+        folder, results = train(tiny_config(tmp_path, out=str(tmp_path / f"run-{compile}-{inductor}"), rule=rule,
+                                            device="cuda", impl="auto", chunk_size=16, steps=12, compile=compile,
+                                            inductor=inductor), progress=False)
+        assert results["cuda_graph"] == compile and results["compiled"] == inductor
+        losses[compile, inductor] = train_losses(folder)
     # bf16 autocast: fused and unfused kernels round differently; the losses must still track each other.
-    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    assert losses[True, False] == pytest.approx(losses[False, False], rel=2e-2)
+    assert losses[True, True] == pytest.approx(losses[False, False], rel=2e-2)
