@@ -67,7 +67,9 @@ def test_config_file_is_reusable_and_flags_override_it(tmp_path, monkeypatch):
     result = invoke("run", "--config", str(first / "config.toml"), "--lr", "0.005", "--steps", "3")
     assert result.exit_code == 0, result.stderr
     second = run_folder(result)
-    assert second.name == "first-1"   # the saved config names the first folder; it is not overwritten
+    # The saved config says what to train, not where: the repeat gets a new folder of its own.
+    assert second.parent == Path("runs") and second.name.startswith("delta-mqar-")
+    assert not Path("first-1").exists()
     config = load_config(second / "config.toml")
     assert config["rule"] == "delta" and config["lr"] == 0.005 and config["steps"] == 3
     assert json.loads((first / "results.json").read_text())["steps"] == 6

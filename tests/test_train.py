@@ -1,14 +1,16 @@
 """Training: the loss falls for every mixer, exact resume, the NaN stop, run folders, schedule and config."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import sandbox.train as train_module
-from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config, save_config
+from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config
 from sandbox.rules import list_rules
-from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, new_run_folder, resume, train
+from sandbox.runfolder import RunFolder, save_config_file
+from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, resume, train
 
 TINY_TASK = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2}
 
@@ -97,10 +99,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_existing_folder_gets_a_suffix(tmp_path):
     config = RunConfig()
-    first = new_run_folder(str(tmp_path / "run"), config)
+    folders = [RunFolder.create(str(tmp_path / "run"), config) for _ in range(3)]
+    for folder in folders:
+        folder.close()
+    first, second, third = (folder.path for folder in folders)
     (first / "keep.txt").write_text("earlier run")
-    second = new_run_folder(str(tmp_path / "run"), config)
-    third = new_run_folder(str(tmp_path / "run"), config)
     assert (first.name, second.name, third.name) == ("run", "run-1", "run-2")
     assert (first / "keep.txt").read_text() == "earlier run"
 
@@ -118,8 +121,9 @@ def test_config_round_trip_and_layering(tmp_path):
     config = resolve_config({"rule": "delta", "task_args": {"num_kv_pairs": 2, "vocab_size": 32},
                              "lr": 0.002, "short_conv": False, "out": "somewhere"})
     path = tmp_path / "config.toml"
-    save_config(config, path)
-    assert resolve_config(load_config(path)) == config
+    save_config_file(config, path)
+    assert "somewhere" not in path.read_text()   # a saved config says what to train, not where
+    assert resolve_config(load_config(path)) == dataclasses.replace(config, out=None)
     # flags override the file; task_args merge key by key
     layered = resolve_config(load_config(path), {"lr": 0.01, "task_args": {"num_kv_pairs": 3}})
     assert layered.lr == 0.01 and layered.rule == "delta"
