@@ -3,7 +3,7 @@
 A run folder (``sandbox run``) holds
     config.toml      the resolved config: what to train, never where (the folder is where); ``--config`` reuses it
     metrics.jsonl    one JSON object per logged train step and per evaluation, appended line by line
-    results.json     the summary at the end (final eval loss and metric, size, speed)
+    results.json     the summary at the end (final valid and test loss and metric, size, speed)
     checkpoint.pt    model, optimizer, step, the RNG states and the resolved config
     events.out.*     TensorBoard events (written by TensorBoard's own writer)
     .lock            held (``flock``) by the one trainer writing the folder, for as long as it runs
