@@ -68,6 +68,8 @@ class RunConfig:
     # where and how
     device: str = "auto"                # auto: cuda if available, else cpu
     impl: str = "auto"                  # auto: triton on CUDA when its kernels work here, else chunk
+    compile: bool = True                # capture the training step as a CUDA graph (see train.py)
+    inductor: bool = False              # with compile: torch.compile the forward and loss too
     out: str | None = None              # None: runs/<rule>-<task>-<time>
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +81,7 @@ FIELD_TYPES: dict[str, type] = {
     "chunk_size": int, "short_conv": bool, "stability_constraint": bool, "min_log_mu": float, "steps": int,
     "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int,
     "eval_every": int, "eval_batches": int, "log_every": int, "checkpoint_every": int, "device": str,
-    "impl": str, "out": str,
+    "impl": str, "compile": bool, "inductor": bool, "out": str,
 }
 OPTIONAL_FIELDS = ("seq_len", "out")
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}

@@ -3,8 +3,8 @@
 A run folder (``sandbox run``) holds
     config.toml      the resolved config: what to train, never where (the folder is where); ``--config`` reuses it
     metrics.jsonl    one JSON object per logged train step and per evaluation, appended line by line
-    results.json     the summary at the end (final eval loss and metric, size, speed)
-    checkpoint.pt    model, optimizer, scheduler, step, every RNG state and the resolved config
+    results.json     the summary at the end (final valid and test loss and metric, size, speed)
+    checkpoint.pt    model, optimizer, step, the RNG states and the resolved config
     events.out.*     TensorBoard events (written by TensorBoard's own writer)
     .lock            held (``flock``) by the one trainer writing the folder, for as long as it runs
 
@@ -44,8 +44,8 @@ LOCK = ".lock"
 PLAN = "plan.json"
 SUMMARY_FINGERPRINTS = "summaries.json"
 # What a checkpoint must hold to continue a run exactly ("config" and "timed_steps" are newer: optional).
-CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "generator", "torch_rng", "train_seconds",
-                   "wall_seconds")
+# (No scheduler or batch-generator state: the learning rate and the batches are functions of the step.)
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "torch_rng", "train_seconds", "wall_seconds")
 TEMPORARY_SUFFIX = ".partial"
 
 

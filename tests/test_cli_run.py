@@ -45,11 +45,11 @@ def test_run_writes_results_config_metrics_tensorboard_and_checkpoint(tmp_path, 
     assert config["seq_len"] == 16 and config["d_model"] == 16
 
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6]
     assert list(folder.glob("events.out.tfevents.*"))
     assert (folder / "checkpoint.pt").is_file()
     tags = tensorboard_tags(folder)
-    assert {"train/loss", "eval/loss", "eval/accuracy", "train/lr", "train/grad_norm", "train/tokens_per_second",
+    assert {"train/loss", "valid/loss", "valid/accuracy", "train/lr", "train/grad_norm", "train/tokens_per_second",
             "layer0/state_norm", "layer0/alpha", "layer0/beta", "layer0/mu", "layer0/eta"} <= tags
 
 

@@ -225,7 +225,7 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning_and_resume_works(tmp_p
     assert result.exit_code == 0, result.output
     assert "dropped a torn last line" in result.stderr and str(folder / "metrics.jsonl") in result.stderr
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6, 8]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6, 8]
 
 
 def test_damaged_metrics_line_in_the_middle_names_the_file_and_line(tmp_path):

@@ -9,7 +9,6 @@ import torch
 import sandbox.train as train_module
 from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config
 from sandbox.rules import list_rules
-from sandbox.tasks import create_task
 from sandbox.runfolder import RunFolder, save_config_file
 from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, resume, train
 
@@ -38,19 +37,16 @@ def test_loss_falls_for_every_mixer(tmp_path, rule):
     assert results["steps"] == 30 and results["rule"] == rule
 
 
-def interrupt_training_batch(monkeypatch, at_call: int) -> None:
-    """Make the ``at_call``-th training batch raise KeyboardInterrupt, as Ctrl-C in the middle of a step."""
-    task_class = type(create_task("mqar", TINY_TASK))
-    original, calls = task_class.batch, []
+def interrupt_training_batch(monkeypatch, at_step: int) -> None:
+    """Make the batch of step ``at_step`` (0-based) raise KeyboardInterrupt, as Ctrl-C in the middle of a step."""
+    original = train_module.BatchStream.get
 
-    def batch(self, batch_size, generator, split="train"):
-        if split == "train":
-            calls.append(1)
-            if len(calls) == at_call:
-                raise KeyboardInterrupt
-        return original(self, batch_size, generator, split)
+    def get(self, step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return original(self, step)
 
-    monkeypatch.setattr(task_class, "batch", batch)
+    monkeypatch.setattr(train_module.BatchStream, "get", get)
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -58,7 +54,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeyp
     whole, _ = train(tiny_config(tmp_path, out=str(tmp_path / "whole"), **config), progress=False)
 
     with monkeypatch.context() as patch:
-        interrupt_training_batch(patch, at_call=12)   # interrupted at step 12, after the checkpoint at step 8
+        interrupt_training_batch(patch, at_step=11)   # interrupted in step 12, after the checkpoint at step 8
         with pytest.raises(RunInterrupted, match="continue from step 8"):
             train(tiny_config(tmp_path, out=str(tmp_path / "split"), **config), progress=False)
     split = tmp_path / "split"
@@ -67,7 +63,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeyp
 
     assert train_losses(split) == train_losses(whole)   # bit for bit
     evals = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-              if '"eval"' in line] for folder in (whole, split)]
+              if '"valid"' in line] for folder in (whole, split)]
     assert [e["loss"] for e in evals[0]] == [e["loss"] for e in evals[1]]
     assert json.loads((split / "results.json").read_text())["final_loss"] == \
         json.loads((whole / "results.json").read_text())["final_loss"]
@@ -175,3 +171,62 @@ def test_gpu_run_in_bf16_with_the_automatic_implementation(tmp_path, rule):
     assert results["impl"] == ("sdpa" if rule == "attention" else "triton")   # the kernels pass their self-test
     resumed, _ = resume(folder, {"steps": 32}, progress=False)
     assert len(train_losses(resumed)) == 32
+
+
+def compile_for_test(monkeypatch, backend: str = "aot_eager") -> None:
+    """Compile through dynamo and AOT autograd without generating C++ (fast on a CPU), and in one piece: a
+    graph break anywhere in the forward and loss fails the capture."""
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: original(fn, backend=backend, fullgraph=True))
+
+
+@pytest.mark.parametrize("rule, impl", [("linear", "triton"), ("attention", "auto")])
+def test_compiled_step_matches_eager(tmp_path, monkeypatch, rule, impl):
+    eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), rule=rule, impl=impl, steps=4,
+                                 compile=False), progress=False)
+    compile_for_test(monkeypatch)
+    compiled, results = train(tiny_config(tmp_path, out=str(tmp_path / "compiled"), rule=rule, impl=impl, steps=4,
+                                          inductor=True),
+                              progress=False)
+    assert results["compiled"]
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
+
+
+def test_failed_capture_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, capsys):
+    eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), steps=4, compile=False), progress=False)
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", lambda fn: broken)
+    folder, results = train(tiny_config(tmp_path, out=str(tmp_path / "fallback"), steps=4, inductor=True),
+                            progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: capturing the training step failed (RuntimeError: no compiler here); "
+                     "training without --compile"]
+    assert not results["compiled"] and train_losses(folder) == train_losses(eager)
+
+
+def test_results_hold_valid_and_test_metrics(tmp_path):
+    folder, results = train(tiny_config(tmp_path, steps=2, eval_every=1), progress=False)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [1, 2]
+    assert results["final_metric"] == valid[-1]["accuracy"] and results["final_loss"] == valid[-1]["loss"]
+    assert 0 <= results["test_metric"] <= 1 and results["test_loss"] > 0
+    assert results["test_loss"] != results["final_loss"]   # another stream of examples
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["momentum_delta", "attention"])
+def test_gpu_captured_step_matches_eager(tmp_path, rule):
+    losses = {}
+    for compile, inductor in ((False, False), (True, False), (True, True)):
+        folder, results = train(tiny_config(tmp_path, out=str(tmp_path / f"run-{compile}-{inductor}"), rule=rule,
+                                            device="cuda", impl="auto", chunk_size=16, steps=12, compile=compile,
+                                            inductor=inductor), progress=False)
+        assert results["cuda_graph"] == compile and results["compiled"] == inductor
+        losses[compile, inductor] = train_losses(folder)
+    # bf16 autocast: fused and unfused kernels round differently; the losses must still track each other.
+    assert losses[True, False] == pytest.approx(losses[False, False], rel=2e-2)
+    assert losses[True, True] == pytest.approx(losses[False, False], rel=2e-2)
