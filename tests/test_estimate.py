@@ -25,15 +25,13 @@ def test_estimate_is_within_2x_of_the_real_time(tmp_path):
     assert real / 2 <= estimate <= 2 * real, (estimate, real, costs)
 
 
-def test_estimate_counts_start_up_evaluations_and_parallel_runs():
+def test_probe_estimate_counts_start_up_evaluations_and_parallel_runs():
     costs = Costs(startup=5.0, step=0.1, units=64 * 64 * 2 * 128 ** 2, probed="probe")
     run = PlannedRun("r", {"steps": 400, "eval_every": 100, "eval_batches": 3}, {}, 0)   # the defaults otherwise
     assert costs.run_seconds(run.config) == 5.0 + 400 * 0.1 + 3 * 3 * 0.1 / 3
     two = [run, PlannedRun("s", run.config, {}, 1)]
     assert estimate_seconds(two, [], jobs=2, costs=costs, cores=2)[0] == costs.run_seconds(run.config)
     assert estimate_seconds(two, [], jobs=2, costs=costs, cores=1)[0] == 2 * costs.run_seconds(run.config)
-    finished = [(run, {"wall_seconds": 2 * costs.run_seconds(run.config) - costs.startup})]
-    assert estimate_seconds([run], finished, 1, costs, 1)[0] == 2 * costs.run_seconds(run.config)
 
 
 def test_dry_run_prints_the_measured_estimate(tmp_path):

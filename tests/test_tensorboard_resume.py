@@ -24,7 +24,7 @@ def scalar_steps(folder, tag: str) -> Counter:
 def test_resumed_run_has_each_step_once_in_the_event_files(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, steps=16, checkpoint_every=8, eval_every=4)
     with monkeypatch.context() as patch:
-        interrupt_training_batch(patch, at_call=12)   # steps 9-11 logged after the checkpoint at step 8
+        interrupt_training_batch(patch, at_step=11)   # steps 9-11 logged after the checkpoint at step 8
         with pytest.raises(RunInterrupted):
             train(config, progress=False)
     folder = tmp_path / "run"
@@ -32,4 +32,4 @@ def test_resumed_run_has_each_step_once_in_the_event_files(tmp_path, monkeypatch
     resume(folder, progress=False)
     assert len(list(folder.glob("events.out.tfevents.*"))) == 2
     assert scalar_steps(folder, "train/loss") == Counter(range(1, 17))
-    assert scalar_steps(folder, "eval/loss") == Counter([4, 8, 12, 16])
+    assert scalar_steps(folder, "valid/loss") == Counter([4, 8, 12, 16])
