@@ -70,6 +70,7 @@ class RunConfig:
     # where and how
     device: str = "auto"                # auto: cuda if available, else cpu
     impl: str = "auto"                  # auto: triton on CUDA when its kernels work here, else chunk
+    compile: bool = True                # capture the training step (CUDA graph, torch.compile; see train.py)
     out: str | None = None              # None: runs/<rule>-<task>-<time>
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ FIELD_TYPES: dict[str, type] = {
     "momentum_init": str, "allow_neg_eigval": bool, "steps": int,
     "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int,
     "eval_every": int, "eval_batches": int, "log_every": int, "checkpoint_every": int, "device": str,
-    "impl": str, "out": str,
+    "impl": str, "compile": bool, "out": str,
 }
 OPTIONAL_FIELDS = ("seq_len", "out")
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}

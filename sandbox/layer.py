@@ -249,7 +249,12 @@ class RuleMixer(nn.Module):
         """``x: [B, T, d_model]`` -> ``[B, T, d_model]``; optionally continue from / return the carried state."""
         q, k, v, conv = self._qkv(x, state.conv if state is not None else ())
         gates = self.gates(x)
-        run = {"naive": self.rule.naive, "chunk": self.rule.chunk, "triton": self.rule.triton}[self.impl]
+        if self.impl == "triton":
+            from sandbox.kernels.ops import triton_rule   # the kernels as custom ops: no graph breaks
+
+            run = functools.partial(triton_rule, self.rule)
+        else:
+            run = {"naive": self.rule.naive, "chunk": self.rule.chunk}[self.impl]
         extra = {} if self.impl == "naive" else {"chunk_size": self.chunk_size}
         want_state = output_state or self.record_stats
         # The rule manages its own precision (bf16 q, k, v in, float32 states and gates); autocast would

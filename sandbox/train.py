@@ -8,8 +8,16 @@ A run folder holds
     events.out.*     TensorBoard: losses, metric, lr, grad norm, tokens/s, per-layer state norms and gates
 
 ``--resume DIR`` reloads the checkpoint and continues; on CPU the resumed losses equal an uninterrupted
-run's bit for bit, because the model, optimizer, schedule and batch generator all restart from saved state.
+run's bit for bit: the model and optimizer restart from saved state, and the learning rate and the batch of
+each step are functions of the step number.
 A non-finite loss or gradient norm stops the run (``NonFiniteLoss``) and leaves the last good checkpoint.
+
+Speed: the training step runs without host synchronisation. Batches are generated a block of steps at a
+time and copied to the device in one go; the loss and gradient norm of every step land in a device buffer
+that is read (and checked for NaN) only on logging steps and before evaluations and checkpoints. With
+``compile`` (the default) the forward and loss go through ``torch.compile`` where that was measured to pay,
+and on CUDA the whole step (forward, backward, clipping, AdamW) is captured once as a CUDA graph and replayed;
+if either fails, a one-line note says so and the run goes on eagerly.
 """
 
 from __future__ import annotations
@@ -33,9 +41,13 @@ from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config, sa
 from sandbox.layer import DECAY_INITS, resolve_impl, triton_works
 from sandbox.model import LanguageModel
 from sandbox.tasks import create_task
-from sandbox.tasks.base import Task
+from sandbox.tasks.base import Task, split_generator
 
 CHECKPOINT = "checkpoint.pt"
+BLOCK_TOKENS = 2**18    # training tokens generated (on the CPU) and copied to the device at a time
+CAPTURE_AFTER = 3       # eager steps before a CUDA-graph capture: kernels compile and caches fill outside it
+# torch.compile the forward and loss on this kind of device when ``compile`` is on (measured, BENCHMARKS.md).
+COMPILE_FORWARD = {"cuda": True, "cpu": False}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,6 +106,34 @@ def new_run_folder(out: str | None, config: RunConfig) -> Path:
             raise ValueError(f"out: cannot create the run folder '{candidate}' ({error.strerror})") from None
 
 
+class BatchStream:
+    """The batches of one split, step by step: the batch of step ``s`` depends only on the task, the seed, the
+    batch size and ``s``, so a resumed run continues the same stream.
+
+    Steps come in blocks of about ``BLOCK_TOKENS`` tokens: block ``i`` is one ``task.batch`` call on the
+    CPU from ``split_generator(seed, split, i)`` (the same stream on every device), copied to the device at
+    once; a step then only indexes into it.
+    """
+
+    def __init__(self, task: Task, split: str, seed: int, batch_size: int, device: torch.device):
+        self.task, self.split, self.seed, self.batch_size, self.device = task, split, seed, batch_size, device
+        self.block_steps = max(1, BLOCK_TOKENS // (batch_size * task.seq_len))
+        self.block_index: int | None = None
+
+    def get(self, step: int) -> tuple[Tensor, Tensor]:
+        """``inputs, targets`` ``[batch_size, seq_len]`` of step ``step``, on the device."""
+        index = step // self.block_steps
+        if index != self.block_index:
+            inputs, targets = self.task.batch(self.split, self.block_steps * self.batch_size,
+                                              split_generator(self.seed, self.split, index))
+            shape = (self.block_steps, self.batch_size, -1)
+            pin = self.device.type == "cuda"   # pinned memory: the copy does not wait for the device
+            self.inputs, self.targets = ((t.view(shape).pin_memory() if pin else t.view(shape)).to(self.device, non_blocking=True)
+                                         for t in (inputs, targets))
+            self.block_index = index
+        return self.inputs[step % self.block_steps], self.targets[step % self.block_steps]
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, cosine down to 0.1."""
     if step < warmup_steps:
@@ -134,11 +174,23 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.task, self.impl).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.optimizer_groups(config.weight_decay), lr=config.lr,
-                                           betas=(0.9, 0.95), fused=self.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, config.warmup_steps, config.steps))
-        self.generator = torch.Generator().manual_seed(config.seed)   # train batches (CPU, saved in checkpoints)
+        on_cuda = self.device.type == "cuda"
+        self.capture = config.compile and on_cuda   # replay the step as a CUDA graph (after CAPTURE_AFTER steps)
+        # Under capture the learning rate is a device tensor that each step refills (a float would be baked
+        # into the graph); the capturable AdamW keeps its step counts on the device too.
+        lr = torch.tensor(config.lr, device=self.device) if self.capture else config.lr
+        self.optimizer = torch.optim.AdamW(self.model.optimizer_groups(config.weight_decay), lr=lr,
+                                           betas=(0.9, 0.95), fused=on_cuda, capturable=self.capture)
+        self.forward_loss = self._forward_loss
+        if config.compile and COMPILE_FORWARD.get(self.device.type, False):
+            self.forward_loss = torch.compile(self._forward_loss)
+        self.train_batches = BatchStream(self.task, "train", config.seed, config.batch_size, self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        # Loss and gradient norm of the last log_every steps, on the device: read on logging steps only.
+        self.step_stats = torch.zeros(config.log_every, 2, device=self.device)
+        self.unchecked_from = 0    # first step whose stats have not been checked for NaN yet
+        self.session_steps = 0     # steps run by this process (a resumed run starts again at 0)
+        self.eval_sets: dict[str, tuple[Tensor, Tensor]] = {}
         self.step = 0
         self.checkpoint_step: int | None = None
         # Speed: time and count of the training steps, summed over resumed sessions; the first step of each
@@ -165,7 +217,6 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         state = {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
             "wall_seconds": self.wall_seconds,
         }
@@ -187,14 +238,12 @@ class Trainer:
             raise ValueError(f"resume: cannot load {path} ({type(error).__name__}); "
                              "is it a complete checkpoint of this run's model?") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step, self.train_seconds, self.wall_seconds = state["step"], state["train_seconds"], state["wall_seconds"]
         self.timed_steps = state.get("timed_steps", self.step)   # checkpoints of earlier versions lack it
-        self.checkpoint_step = self.step
+        self.checkpoint_step = self.unchecked_from = self.step
         self._drop_metrics_after(self.step)
 
     def _drop_metrics_after(self, step: int) -> None:
@@ -219,43 +268,121 @@ class Trainer:
                 self.writer.add_scalar(f"layer{layer}/{name}", value, self.step)
 
     # --- the loop ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Mean loss and metric on ``eval_batches`` held-out batches (the same ones at every evaluation)."""
-        self.model.eval()
-        generator = torch.Generator().manual_seed(self.config.seed)
-        losses, metrics = [], []
-        for _ in range(self.config.eval_batches):
-            inputs, targets = self.task.batch(self.config.batch_size, generator, split="eval")
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self.autocast():
-                logits, _ = self.model(inputs)
-            losses.append(language_model_loss(logits, targets).item())
-            metrics.append(self.task.metric(logits.float(), targets))
-        self.model.train()
-        return sum(losses) / len(losses), sum(metrics) / len(metrics)
+    def _eval_set(self, split: str) -> tuple[Tensor, Tensor]:
+        """The ``eval_batches`` batches of ``split`` on the device, ``[eval_batches, batch_size, T]``; the
+        same at every evaluation (block 0 of the split's stream)."""
+        if split not in self.eval_sets:
+            config = self.config
+            inputs, targets = self.task.batch(split, config.eval_batches * config.batch_size,
+                                              split_generator(config.seed, split))
+            shape = (config.eval_batches, config.batch_size, -1)
+            self.eval_sets[split] = (inputs.view(shape).to(self.device), targets.view(shape).to(self.device))
+        return self.eval_sets[split]
 
-    def _train_step(self, record_stats: bool) -> tuple[float, float | None, float]:
-        inputs, targets = self.task.batch(self.config.batch_size, self.generator, split="train")
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        self.model.set_record_stats(record_stats)
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> tuple[float, float]:
+        """Mean loss and metric on the ``eval_batches`` batches of ``split`` (valid during training, test at the
+        end). The mixers record their gate and state statistics on the first batch (for TensorBoard)."""
+        self.model.eval()
+        inputs, targets = self._eval_set(split)
+        losses, metrics = [], []
+        for i in range(len(inputs)):
+            self.model.set_record_stats(i == 0)
+            with self.autocast():
+                logits, _ = self.model(inputs[i])
+            losses.append(language_model_loss(logits, targets[i]))
+            metrics.append(self.task.metric(logits.float(), targets[i]))
+        self.model.set_record_stats(False)
+        self.model.train()
+        return torch.stack(losses).double().mean().item(), sum(metrics) / len(metrics)
+
+    def _set_lr(self) -> None:
+        lr = self.config.lr * lr_factor(self.step, self.config.warmup_steps, self.config.steps)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)   # on the device: no synchronisation
+            elif self.capture:
+                group["lr"] = torch.tensor(lr, device=self.device)   # a loaded checkpoint brought a float
+            else:
+                group["lr"] = lr
+
+    def _forward_loss(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         with self.autocast():
             logits, _ = self.model(inputs)
-        loss = language_model_loss(logits, targets)
-        if not torch.isfinite(loss):
-            self._stop(f"loss is {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip).item()
-        if not math.isfinite(grad_norm):
-            self._stop(f"gradient norm is {grad_norm}")
-        self.optimizer.step()
-        self.scheduler.step()
-        metric = self.task.metric(logits.detach().float(), targets) if record_stats else None
-        return loss.item(), metric, grad_norm
+        return language_model_loss(logits, targets), logits
 
-    def _stop(self, what: str) -> None:
-        step = self.step + 1
+    def _step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward, backward, clipping, AdamW, from gradients set to None; returns ``[loss, grad norm]`` and
+        the logits, on the device (nothing here waits for the device: it can be captured as a CUDA graph)."""
+        loss, logits = self.forward_loss(inputs, targets)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return torch.stack([loss.detach().float(), grad_norm.float()]), logits.detach()
+
+    def _eager_step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.capture:
+            return self._step(inputs, targets)
+        # The steps before a CUDA-graph capture run on a side stream, as capture requires of its warm-up.
+        main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = self._step(inputs, targets)
+        main.wait_stream(side)
+        return out
+
+    def _capture(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Record the whole step as a CUDA graph on fixed input buffers, then replay it for this step."""
+        self.static_batch = (inputs.clone(), targets.clone())
+        self.optimizer.zero_grad(set_to_none=True)   # the gradients are then allocated inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_out = self._step(*self.static_batch)
+        graph.replay()
+        self.graph = graph
+        return self.static_out
+
+    def _train_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One training step, eager, captured or replayed; its loss and grad norm go to ``step_stats``.
+        Returns the logits (valid until the next step)."""
+        self._set_lr()
+        if self.graph is not None:
+            self.static_batch[0].copy_(inputs)
+            self.static_batch[1].copy_(targets)
+            self.graph.replay()
+            stats, logits = self.static_out
+        else:
+            compiled = self.forward_loss != self._forward_loss
+            try:
+                if self.capture and self.session_steps == CAPTURE_AFTER:
+                    stats, logits = self._capture(inputs, targets)
+                else:
+                    stats, logits = self._eager_step(inputs, targets)
+            except Exception as error:
+                if not (compiled or self.capture):
+                    raise
+                first_line = (str(error).strip().splitlines() or [""])[0][:160]
+                print(f"note: capturing the training step failed ({type(error).__name__}: {first_line}); "
+                      "training without --compile")
+                self.capture, self.forward_loss, self.graph = False, self._forward_loss, None
+                stats, logits = self._eager_step(inputs, targets)
+        self.step_stats[self.step % len(self.step_stats)].copy_(stats)
+        return logits
+
+    def _check_stats(self) -> tuple[float, float]:
+        """Read the loss and grad norm of the steps since the last check (this waits for the device); stop at
+        the first non-finite one. Returns the last step's."""
+        stats = self.step_stats.tolist()
+        for step in range(self.unchecked_from, self.step):
+            loss, grad_norm = stats[step % len(stats)]
+            for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+                if not math.isfinite(value):
+                    self._stop(f"{name} is {value}", step + 1)
+        self.unchecked_from = self.step
+        return tuple(stats[(self.step - 1) % len(stats)])
+
+    def _stop(self, what: str, step: int) -> None:
         where = (f"the last good checkpoint is {self.folder / CHECKPOINT} (step {self.checkpoint_step})"
                  if self.checkpoint_step is not None else "no checkpoint was written yet")
         raise NonFiniteLoss(f"{what} at step {step}; run stopped, {where} (try a lower --lr)")
@@ -274,46 +401,71 @@ class Trainer:
         finally:
             bar.close()
             self.writer.close()
+        test_loss, test_metric = self.evaluate("test")
         self._update_wall_seconds()
-        return self._results()
+        return self._results(test_loss, test_metric)
 
     def _update_wall_seconds(self) -> None:
         self.wall_seconds = self.wall_before + time.perf_counter() - self.session_start
 
     def _loop(self, bar: tqdm) -> None:
+        """The steps, timed in windows between the points where the host waits for the device anyway (logging,
+        evaluation, checkpoints). The session's warm-up steps (compilation, capture) are timed only if the
+        session has no others."""
         config, metric_name = self.config, self.task.metric_name
         tokens_per_step = config.batch_size * self.task.seq_len
-        window_tokens, window_seconds = 0, 0.0     # tokens/s over the steps since the last log line
-        session_first_step, remaining = self.step, config.steps - self.step
+        warmup = CAPTURE_AFTER + 1 if self.capture else 1
+        self.session_steps = 0
+        warm_seconds, warm_steps = 0.0, 0                     # windows that held warm-up steps
+        window_start, window_steps, window_warm = time.perf_counter(), 0, True
+
+        def close_window() -> float:
+            nonlocal window_start, window_steps, window_warm, warm_seconds, warm_steps
+            seconds, window_steps_closed = time.perf_counter() - window_start, window_steps
+            if window_warm:
+                warm_seconds, warm_steps = warm_seconds + seconds, warm_steps + window_steps
+            else:
+                self.train_seconds, self.timed_steps = self.train_seconds + seconds, self.timed_steps + window_steps
+            open_window()
+            return window_steps_closed * tokens_per_step / seconds
+
+        def open_window() -> None:
+            nonlocal window_start, window_steps, window_warm
+            window_start, window_steps, window_warm = time.perf_counter(), 0, self.session_steps < warmup
+
         while self.step < config.steps:
             log_now = (self.step + 1) % config.log_every == 0 or self.step == 0
-            step_start = time.perf_counter()
-            loss, metric, grad_norm = self._train_step(record_stats=log_now)
-            step_seconds = time.perf_counter() - step_start
-            if self.step != session_first_step or remaining == 1:
-                self.train_seconds, self.timed_steps = self.train_seconds + step_seconds, self.timed_steps + 1
-            self.step += 1
-            window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + step_seconds
+            inputs, targets = self.train_batches.get(self.step)
+            logits = self._train_step(inputs, targets)
+            self.step, self.session_steps, window_steps = self.step + 1, self.session_steps + 1, window_steps + 1
             bar.update(1)
+            evaluate = self.step % config.eval_every == 0 or self.step == config.steps
+            checkpoint = self.step % config.checkpoint_every == 0 or self.step == config.steps
+            if log_now or evaluate or checkpoint or self.session_steps == warmup:
+                loss, grad_norm = self._check_stats()
+                speed = close_window()
             if log_now:
-                speed = window_tokens / window_seconds
-                window_tokens, window_seconds = 0, 0.0
+                metric = self.task.metric(logits.float(), targets)
                 self._log({"step": self.step, "split": "train", "loss": loss, metric_name: metric,
-                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens_per_second": speed})
-                self._log_mixer_stats()
+                           "lr": config.lr * lr_factor(self.step - 1, config.warmup_steps, config.steps),
+                           "grad_norm": grad_norm, "tokens_per_second": speed})
                 bar.set_postfix_str(f"loss {loss:.3f} {metric_name} {metric:.3f} {speed:,.0f} tok/s")
-            if self.step % config.eval_every == 0 or self.step == config.steps:
-                eval_loss, eval_metric = self.evaluate()
-                self._log({"step": self.step, "split": "eval", "loss": eval_loss, metric_name: eval_metric})
-                bar.write(f"step {self.step}: eval loss {eval_loss:.4f}, {metric_name} {eval_metric:.4f}")
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            if evaluate:
+                eval_loss, eval_metric = self.evaluate("valid")
+                self._log({"step": self.step, "split": "valid", "loss": eval_loss, metric_name: eval_metric})
+                self._log_mixer_stats()
+                bar.write(f"step {self.step}: valid loss {eval_loss:.4f}, {metric_name} {eval_metric:.4f}")
+            if checkpoint:
                 self._update_wall_seconds()
                 self._save_checkpoint()
+            if evaluate or checkpoint:
+                open_window()   # evaluation and checkpoints are not training time
+        if self.timed_steps == 0:   # a session of warm-up steps only
+            self.train_seconds, self.timed_steps = warm_seconds, warm_steps
 
-    def _results(self) -> dict[str, Any]:
+    def _results(self, test_loss: float, test_metric: float) -> dict[str, Any]:
         evals = [json.loads(line) for line in (self.folder / "metrics.jsonl").read_text().splitlines()]
-        final = [r for r in evals if r["split"] == "eval"][-1]
+        final = [r for r in evals if r["split"] == "valid"][-1]
         last_train = [r for r in evals if r["split"] == "train"][-1]
         state_size, state_label = self.model.state_size(self.task.seq_len)
         results = {
@@ -321,10 +473,11 @@ class Trainer:
             "seq_len": self.task.seq_len, "steps": self.step, "seed": self.config.seed,
             "final_loss": final["loss"], "final_metric": final[self.task.metric_name],
             "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
-            "final_train_loss": last_train["loss"],
+            "final_train_loss": last_train["loss"], "test_loss": test_loss, "test_metric": test_metric,
             "parameters": self.model.parameter_count(), "state_size": state_size, "state_size_label": state_label,
             "tokens_per_second": self.timed_steps * self.config.batch_size * self.task.seq_len / self.train_seconds,
             "wall_seconds": self.wall_seconds, "device": str(self.device), "impl": self.impl,
+            "compiled": self.forward_loss != self._forward_loss, "cuda_graph": self.graph is not None,
         }
         (self.folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         return results
@@ -413,6 +566,7 @@ def run_command(
     checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Checkpoint every N steps and at the end (default {DEFAULTS.checkpoint_every}).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default auto: cuda if available).")] = None,
     impl: Annotated[Optional[str], typer.Option(help="auto, naive, chunk or triton (default auto: triton on CUDA if its self-test passes, else chunk).")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Capture the training step: torch.compile and, on CUDA, one CUDA graph replayed every step; falls back to eager with a note if capture fails (default on).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<rule>-<task>-<time>); an existing one gets a -N suffix.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with these settings; flags override it.")] = None,
     resume_from: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its checkpoint.")] = None,

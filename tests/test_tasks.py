@@ -1,4 +1,4 @@
-"""Tasks: shapes, label masking, correct answers, determinism, train/eval streams, bad parameters, CLI."""
+"""Tasks: shapes, label masking, correct answers, determinism, train/valid/test streams, bad parameters, CLI."""
 
 import pytest
 import torch
@@ -6,10 +6,11 @@ from typer.testing import CliRunner
 
 from sandbox.cli import app
 from sandbox.tasks import IGNORE_INDEX, TASKS, create_task, list_tasks
+from sandbox.tasks.base import SPLITS, split_generator, split_of_examples
 
 
-def make_batch(task, seed=0, split="train", batch_size=16):
-    return task.batch(batch_size, torch.Generator().manual_seed(seed), split)
+def make_batch(task, seed=0, split="train", batch_size=16, index=0):
+    return task.batch(split, batch_size, split_generator(seed, split, index))
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -29,7 +30,35 @@ def test_determinism_and_splits(name):
     first, second = make_batch(task, seed=1), make_batch(task, seed=1)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert not torch.equal(first[0], make_batch(task, seed=2)[0])
-    assert not torch.equal(first[0], make_batch(task, seed=1, split="eval")[0])
+    assert not torch.equal(first[0], make_batch(task, seed=1, split="valid")[0])
+    assert not torch.equal(first[0], make_batch(task, seed=1, index=1)[0])
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_three_streams_are_deterministic_and_disjoint(name):
+    task = create_task(name)
+    streams = {split: make_batch(task, seed=3, split=split, batch_size=64) for split in SPLITS}
+    for split, (inputs, targets) in streams.items():
+        again = make_batch(task, seed=3, split=split, batch_size=64)
+        assert torch.equal(inputs, again[0]) and torch.equal(targets, again[1])
+    if task.splits_by_data_range:
+        return   # text: the ranges are disjoint (test_text_vocabulary_split_and_bits_per_char)
+    examples = {split: {tuple(row) for row in inputs.tolist()} for split, (inputs, _) in streams.items()}
+    assert not examples["train"] & examples["valid"] and not examples["train"] & examples["test"]
+    assert not examples["valid"] & examples["test"]
+    # Disjoint by construction: each example's hash bucket names its split, whatever the seed.
+    for split, (inputs, _) in streams.items():
+        buckets = set(split_of_examples(inputs).tolist())
+        assert buckets <= {"train": set(range(8)), "valid": {8}, "test": {9}}[split]
+
+
+def test_a_tiny_example_space_still_splits_disjointly():
+    task = create_task("parity", seq_len=6)   # 64 possible examples: many repeats within each stream
+    streams = {split: {tuple(row) for row in make_batch(task, split=split, batch_size=256)[0].tolist()}
+               for split in SPLITS}
+    assert streams["valid"] and streams["test"]
+    assert not streams["train"] & streams["valid"] and not streams["train"] & streams["test"]
+    assert not streams["valid"] & streams["test"]
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -83,8 +112,8 @@ def test_mqar_bad_parameters(args, seq_len, message):
 def test_unknown_task_and_bad_split():
     with pytest.raises(ValueError, match="task: unknown task 'nope', expected one of: mqar"):
         create_task("nope")
-    with pytest.raises(ValueError, match="split: expected one of train, eval, got 'test'"):
-        make_batch(create_task("mqar"), split="test")
+    with pytest.raises(ValueError, match="split: expected one of train, valid, test, got 'eval'"):
+        make_batch(create_task("mqar"), split="eval")
 
 
 def test_list_tasks_and_cli():
@@ -187,10 +216,10 @@ def test_permutation_targets_are_the_running_composition(group, degree):
 
 def test_text_vocabulary_split_and_bits_per_char(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("ab" * 450 + "cd" * 50, encoding="utf-8")  # the last 10% is all "cd"
+    path.write_text("ab" * 400 + "ef" * 50 + "cd" * 50, encoding="utf-8")  # valid is all "ef", test all "cd"
     task = create_task("text", {"data": str(path)}, seq_len=16)
-    assert task.characters == "abcd" and task.vocab_size == 4
-    for split, allowed in (("train", {0, 1}), ("eval", {2, 3})):
+    assert task.characters == "abcdef" and task.vocab_size == 6
+    for split, allowed in (("train", {0, 1}), ("valid", {4, 5}), ("test", {2, 3})):
         inputs, targets = make_batch(task, split=split)
         assert set(inputs.unique().tolist()) == allowed
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
@@ -202,12 +231,12 @@ def test_text_vocabulary_split_and_bits_per_char(tmp_path):
 
 def test_text_default_is_the_cpython_prose():
     task = create_task("text")
-    assert len(task.train_ids) + len(task.eval_ids) > 100_000 and "e" in task.characters
+    assert sum(len(ids) for ids in task.split_ids.values()) > 100_000 and "e" in task.characters
 
 
 @pytest.mark.parametrize("name, args, message", [
     ("text", {"data": "/no/such/file.txt"}, "task_arg 'data': expected a readable UTF-8 text file, got '/no/such/file.txt'"),
-    ("text", {"seq_len": 10**7}, "task_arg 'seq_len': the held-out 10%"),
+    ("text", {"seq_len": 10**7}, "task_arg 'seq_len': the shortest split (10%)"),
     ("fuzzy_recall", {"num_kv_pairs": 100, "key_length": 2}, "task_arg 'num_kv_pairs': expected 1 to 64"),
     ("noisy_recall", {"noise_fraction": 1.5}, "task_arg 'noise_fraction': expected a number in [0, 1)"),
     ("noisy_recall", {"noise_vocab_size": 46}, "task_arg 'noise_vocab_size': expected 1 to vocab_size - 4 = 44"),

@@ -8,7 +8,6 @@ import torch
 import sandbox.train as train_module
 from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config, save_config
 from sandbox.rules import list_rules
-from sandbox.tasks import create_task
 from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, new_run_folder, resume, train
 
 TINY_TASK = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2}
@@ -36,19 +35,16 @@ def test_loss_falls_for_every_mixer(tmp_path, rule):
     assert results["steps"] == 30 and results["rule"] == rule
 
 
-def interrupt_training_batch(monkeypatch, at_call: int) -> None:
-    """Make the ``at_call``-th training batch raise KeyboardInterrupt, as Ctrl-C in the middle of a step."""
-    task_class = type(create_task("mqar", TINY_TASK))
-    original, calls = task_class.batch, []
+def interrupt_training_batch(monkeypatch, at_step: int) -> None:
+    """Make the batch of step ``at_step`` (0-based) raise KeyboardInterrupt, as Ctrl-C in the middle of a step."""
+    original = train_module.BatchStream.get
 
-    def batch(self, batch_size, generator, split="train"):
-        if split == "train":
-            calls.append(1)
-            if len(calls) == at_call:
-                raise KeyboardInterrupt
-        return original(self, batch_size, generator, split)
+    def get(self, step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return original(self, step)
 
-    monkeypatch.setattr(task_class, "batch", batch)
+    monkeypatch.setattr(train_module.BatchStream, "get", get)
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -56,7 +52,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeyp
     whole, _ = train(tiny_config(tmp_path, out=str(tmp_path / "whole"), **config), progress=False)
 
     with monkeypatch.context() as patch:
-        interrupt_training_batch(patch, at_call=12)   # interrupted at step 12, after the checkpoint at step 8
+        interrupt_training_batch(patch, at_step=11)   # interrupted in step 12, after the checkpoint at step 8
         with pytest.raises(RunInterrupted, match="continue from step 8"):
             train(tiny_config(tmp_path, out=str(tmp_path / "split"), **config), progress=False)
     split = tmp_path / "split"
@@ -65,7 +61,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeyp
 
     assert train_losses(split) == train_losses(whole)   # bit for bit
     evals = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-              if '"eval"' in line] for folder in (whole, split)]
+              if '"valid"' in line] for folder in (whole, split)]
     assert [e["loss"] for e in evals[0]] == [e["loss"] for e in evals[1]]
     assert json.loads((split / "results.json").read_text())["final_loss"] == \
         json.loads((whole / "results.json").read_text())["final_loss"]

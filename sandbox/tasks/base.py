@@ -8,6 +8,7 @@ input position, or ``IGNORE_INDEX`` (-100, PyTorch's ``cross_entropy`` default) 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -15,7 +16,16 @@ from typing import Any, ClassVar
 import torch
 
 IGNORE_INDEX = -100
-SPLITS = ("train", "eval")
+SPLITS = ("train", "valid", "test")
+
+# Every possible example belongs to exactly one split, by a hash of its input tokens: buckets 0-7 of 10 are
+# train, 8 valid, 9 test. So no valid or test example is ever trained on, whatever the seeds (tasks with a
+# finite data set, like text, split their data by range instead and set ``splits_by_data_range``).
+HASH_BUCKETS = 10
+SPLIT_BUCKETS = {"train": (0, 8), "valid": (8, 9), "test": (9, 10)}   # [low, high) of the buckets
+HASH_SEED = 0x5EED
+MIX = 6364136223846793005   # an odd 64-bit multiplier (Knuth's MMIX LCG) that spreads the sums' bits
+MAX_DRAWS = 64              # oversampling rounds before a split is declared (nearly) empty
 
 
 def check(condition: bool, param: str, expected: str) -> None:
@@ -24,16 +34,27 @@ def check(condition: bool, param: str, expected: str) -> None:
         raise ValueError(f"task_arg '{param}': {expected}")
 
 
-def split_generator(generator: torch.Generator, split: str) -> torch.Generator:
-    """A fresh generator for one batch of one split, seeded from ``generator``.
-
-    Train batches get even seeds and eval batches odd ones, so the two splits never share a random stream,
-    whatever the caller's seeds are (examples can still coincide by chance when a task has few possible ones).
-    """
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator().manual_seed(2 * seed + SPLITS.index(split))
+
+
+def split_generator(seed: int, split: str, index: int = 0) -> torch.Generator:
+    """The CPU generator of block ``index`` of ``split``'s stream for run seed ``seed``.
+
+    Each (seed, split, index) gets its own seed, hashed, so the three splits draw from distinct seed domains
+    and block ``index`` of a stream can be regenerated on its own (a resumed run restarts mid-stream).
+    """
+    check_split(split)
+    digest = hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def split_of_examples(inputs: torch.Tensor) -> torch.Tensor:
+    """The bucket in ``[0, HASH_BUCKETS)`` of each row of ``inputs`` ``[N, T]``: a fixed hash of its tokens."""
+    weights = torch.randint(1, 2**31, (inputs.shape[1],), generator=torch.Generator().manual_seed(HASH_SEED))
+    mixed = (inputs * weights).sum(dim=1) * MIX   # int64 arithmetic wraps around: a hash, not a sum
+    return torch.remainder(mixed >> 24, HASH_BUCKETS)
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -77,12 +98,35 @@ class Task(ABC):
     metric_name: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
 
-    def batch(self, batch_size: int, generator: torch.Generator, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """``inputs, targets``: LongTensors ``[batch_size, seq_len]``, deterministic given ``generator``."""
+    splits_by_data_range: ClassVar[bool] = False   # True: ``generate`` keeps the splits apart itself
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` examples of ``split``: ``inputs, targets`` LongTensors ``[batch_size, seq_len]`` on the
+        CPU, deterministic given ``generator`` (see ``split_generator``).
+
+        Examples are drawn, and those whose hash puts them in another split are dropped (so about 80% of the
+        draws are kept for train, 10% for valid and test); tasks with ``splits_by_data_range`` draw directly.
+        """
+        check_split(split)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        inputs, targets = self.generate(batch_size, split_generator(generator, split), split)
-        return inputs, targets
+        if self.splits_by_data_range:
+            return self.generate(batch_size, generator, split)
+        low, high = SPLIT_BUCKETS[split]
+        draw = batch_size * HASH_BUCKETS // (high - low) + 16
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        count = 0
+        for _ in range(MAX_DRAWS):
+            inputs, targets = self.generate(draw, generator, split)
+            bucket = split_of_examples(inputs)
+            keep = (bucket >= low) & (bucket < high)
+            kept.append((inputs[keep], targets[keep]))
+            count += int(keep.sum())
+            if count >= batch_size:
+                inputs, targets = (torch.cat(parts)[:batch_size] for parts in zip(*kept))
+                return inputs, targets
+        raise ValueError(f"task {self.name}: the {split} split is (nearly) empty: too few distinct examples "
+                         f"with these parameters to hold out disjoint valid and test examples")
 
     @abstractmethod
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .base import IGNORE_INDEX, Task, check, check_logits
 
 BUILTIN_TEXT = "pydoc_data.topics"
-VALIDATION_FRACTION = 0.1
+HELD_OUT_FRACTION = 0.1   # of the text for valid, and as much again for test
 
 
 def read_text(data: str) -> str:
@@ -34,8 +34,8 @@ class Text(Task):
     """Character-level language modelling on a text file (default: the English prose that ships with CPython).
 
     ``data`` is the path of a UTF-8 text file, or ``pydoc_data.topics`` for CPython's help topics. The vocabulary is the set of characters of the whole text, in code-point order (token i is
-    ``characters[i]``). The last 10% of the text is held out: ``split="eval"`` draws windows from it,
-    ``split="train"`` from the rest. Each example is a random window of ``seq_len + 1`` characters; the
+    ``characters[i]``). The text is cut into three disjoint ranges: the first 80% for ``split="train"``, the
+    next 10% for ``"valid"``, the last 10% for ``"test"``; windows never cross a range's end. Each example is a random window of ``seq_len + 1`` characters; the
     targets are the next characters at every position.
 
     Metric: bits per character, the mean next-character cross-entropy in nats divided by ln 2 (lower is
@@ -50,8 +50,8 @@ class Text(Task):
     seq_len: int = 128
     vocab_size: int = field(init=False)
     characters: str = field(init=False, repr=False)
-    train_ids: torch.Tensor = field(init=False, repr=False)
-    eval_ids: torch.Tensor = field(init=False, repr=False)
+    split_ids: dict[str, torch.Tensor] = field(init=False, repr=False)
+    splits_by_data_range = True
 
     def __post_init__(self) -> None:
         text = read_text(self.data)
@@ -61,14 +61,16 @@ class Text(Task):
         vocabulary, ids = torch.unique(code_points, sorted=True, return_inverse=True)
         self.characters = "".join(map(chr, vocabulary.tolist()))
         self.vocab_size = len(self.characters)
-        split_at = round(len(ids) * (1 - VALIDATION_FRACTION))
-        self.train_ids, self.eval_ids = ids[:split_at], ids[split_at:]
-        check(len(self.eval_ids) > self.seq_len, "seq_len",
-              f"the held-out 10% of {self.data!r} has {len(self.eval_ids)} characters, "
-              f"expected seq_len < {len(self.eval_ids)}, got {self.seq_len}")
+        valid_at = round(len(ids) * (1 - 2 * HELD_OUT_FRACTION))
+        test_at = round(len(ids) * (1 - HELD_OUT_FRACTION))
+        self.split_ids = {"train": ids[:valid_at], "valid": ids[valid_at:test_at], "test": ids[test_at:]}
+        shortest = min(len(ids) for ids in self.split_ids.values())
+        check(shortest > self.seq_len, "seq_len",
+              f"the shortest split (10%) of {self.data!r} has {shortest} characters, "
+              f"expected seq_len < {shortest}, got {self.seq_len}")
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.train_ids if split == "train" else self.eval_ids
+        ids = self.split_ids[split]
         starts = torch.randint(0, len(ids) - self.seq_len, (batch_size, 1), generator=generator)
         windows = ids[starts + torch.arange(self.seq_len + 1)]
         return windows[:, :-1], windows[:, 1:]
