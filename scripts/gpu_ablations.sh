@@ -10,7 +10,7 @@ out=$1; seconds=$2; shift 2
 mkdir -p "$out"
 {
   date -u +"start %Y-%m-%dT%H:%M:%SZ"
-  git rev-parse HEAD 2>/dev/null || echo "commit: see COMMIT file"
+  echo "commit $(cat COMMIT 2>/dev/null || git rev-parse HEAD)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 } > "$out/machine.txt" 2>&1
