@@ -234,7 +234,8 @@ def _markdown_table(ablation: Ablation, configurations: list[Configuration], bes
     headers += ["parameters", "state size", "tokens/s", "seeds ok"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for c in configurations:
-        cells = [format_value(c.axes[a]) for a in ablation.axes]
+        # A best value chosen among configurations of which none finished is no choice at all.
+        cells = ["-" if a == best_axis and not c.finished else format_value(c.axes[a]) for a in ablation.axes]
         flag = " (spread!)" if _spread_flag(c, key) else ""
         cells += [_mean_std(c, key) + flag, _interval(c, key)]
         if key == "test_metric":
