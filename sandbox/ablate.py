@@ -33,14 +33,19 @@ one ``[grid]`` give the union of their products, for axes that only mean somethi
 stability constraint only exists for the momentum rules).
 
 Each run is its own ``sandbox run`` subprocess, so the ablation does not depend on the training code's
-internals and ``--jobs N`` is just N subprocesses (one per GPU when there are several). Layout of an
-ablation folder::
+internals and ``--jobs N`` is just N subprocesses (one per GPU when there are several). The runs end with
+the ablation: killed, it leaves no training behind (see ``end_with_parent``). Layout of an ablation folder
+(``sandbox.runfolder`` owns its files)::
 
-    plan.json            the planned runs (name, configuration, axes); `sandbox report` reads it
+    plan.json            the planned runs (name, configuration, axes); `sandbox report` reads only these runs
     configs/NAME.toml    the resolved run config handed to `sandbox run --config`
     logs/NAME.log        the run's stdout and stderr, ending with its exit code
     runs/NAME/           the run folder (config.toml, metrics.jsonl, results.json, TensorBoard events)
-    summary.csv, summary.md, summary.png
+    incomplete/NAME-N/   a run folder set aside because its run stopped before its first checkpoint
+    summary.csv, summary.md, summary.png, summaries.json (what `sandbox report` wrote)
+
+``--out`` must be a new or empty folder, or an ablation folder of the same recipe (it then resumes); one
+``sandbox ablate`` at a time works in a folder. The command exits with code 1 if any run failed.
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ import json
 import os
 import queue
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields
@@ -62,8 +69,11 @@ from typing import Annotated, Optional
 import typer
 from tqdm import tqdm
 
-from sandbox.config import RunConfig, load_config, save_config
-from sandbox.train import CHECKPOINT
+from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config
+from sandbox.errors import fail
+from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_summaries
+from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
+                               is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +84,8 @@ RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "p
 PLOT_X_VALUES = ("state_size", "parameters")   # results that can stand in for plot_x's values
 # The ablation owns these: one folder per run, one seed per entry of `seeds`.
 RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use seeds = [...] at the top level"}
+# Set in the environment of each run: the ablation's pid, so that the run ends when the ablation does.
+PARENT_PID_VARIABLE = "SANDBOX_ABLATE_PID"
 # A rough cost model for `--dry-run`: seconds per run = start-up + steps x (per-step overhead + tokens per
 # step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
 # of the ablation have finished, the estimate is rescaled by how far off the model was for them.
@@ -126,6 +138,16 @@ def _check_scalar(where: str, value: object) -> None:
         raise ValueError(f"{where}: expected a string, number or boolean, got {type(value).__name__}")
 
 
+def _check_run_value(where: str, key: str, value: object) -> None:
+    """The type a run config key takes (task parameters are the task's to check, when the run starts)."""
+    if key.startswith("task_args."):
+        return
+    try:
+        check_type(key, value)
+    except ValueError:
+        raise ValueError(f"{where}: expected {FIELD_TYPES[key].__name__}, got {value!r}") from None
+
+
 def _load_base(base: object, recipe_dir: Path) -> dict:
     if isinstance(base, str):
         base = {"config": base}
@@ -150,6 +172,7 @@ def _load_base(base: object, recipe_dir: Path) -> dict:
             continue
         _check_key("base.", key)
         _check_scalar(f"base.{key}", value)
+        _check_run_value(f"base.{key}", key, value)
         resolved[key] = value
     return resolved
 
@@ -165,6 +188,7 @@ def _load_grid(where: str, grid: object) -> dict[str, list]:
             raise ValueError(f"{where}.{key}: expected a non-empty list, got {values!r}")
         for value in values:
             _check_scalar(f"{where}.{key}", value)
+            _check_run_value(f"{where}.{key}", key, value)
         if len(set(map(repr, values))) != len(values):
             raise ValueError(f"{where}.{key}: repeated value in {values!r}")
     return dict(grid)
@@ -173,12 +197,18 @@ def _load_grid(where: str, grid: object) -> dict[str, list]:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe; a mistake raises ValueError naming the key."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"recipe: {path} is a folder, expected a recipe TOML file")
     if not path.is_file():
         raise ValueError(f"recipe: file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"recipe: {path} is not valid TOML ({error})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"recipe: {path} is not a text file, expected TOML") from None
+    except OSError as error:
+        raise ValueError(f"recipe: cannot read {path} ({error.strerror})") from None
     for key in raw:
         if key not in RECIPE_KEYS:
             raise ValueError(f"{key}: unknown recipe key, expected one of: {', '.join(RECIPE_KEYS)}")
@@ -253,13 +283,6 @@ def _load_compare(compare: object, recipe: Recipe) -> dict:
     return {"axis": axis, "pairs": pairs}
 
 
-def format_value(value: object) -> str:
-    """A value as it appears in folder names and tables: ``true``, ``0.001``, ``delta``; unset is ``-``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "-" if value is None or value == "" else str(value)
-
-
 def run_name(axes: dict, seed: int) -> str:
     """A stable, readable folder name, e.g. ``rule=delta__lr=0.001__seed=0``."""
     parts = [f"{key.removeprefix('task_args.')}={format_value(value)}" for key, value in axes.items()]
@@ -297,37 +320,9 @@ def plan_runs(recipe: Recipe) -> list[PlannedRun]:
     return runs
 
 
-def flatten(config: dict) -> dict:
-    """``{"task_args": {"n": 4}, "lr": 0.1}`` -> ``{"task_args.n": 4, "lr": 0.1}``."""
-    flat = {k: v for k, v in config.items() if k != "task_args"}
-    flat.update({f"task_args.{k}": v for k, v in (config.get("task_args") or {}).items()})
-    return flat
-
-
-def run_folders(runs_dir: Path, name: str) -> list[Path]:
-    """The folders of this run, oldest first (`sandbox run` adds -1, -2 to a name already taken)."""
-    pattern = re.compile(re.escape(name) + r"(-\d+)?")
-    folders = [p for p in runs_dir.glob(name + "*") if pattern.fullmatch(p.name)]
-    return sorted(folders, key=lambda p: int(p.name[len(name) + 1:] or 0))
-
-
-def find_run_folder(runs_dir: Path, name: str) -> Path | None:
-    """The newest folder of this run that has results.json."""
-    finished = [p for p in run_folders(runs_dir, name) if (p / "results.json").is_file()]
-    return finished[-1] if finished else None
-
-
-def find_resumable(runs_dir: Path, name: str) -> Path | None:
-    """The newest folder of this run that stopped after a checkpoint (continued with `sandbox run --resume`)."""
-    folders = run_folders(runs_dir, name)
-    if folders and (folders[-1] / CHECKPOINT).is_file() and (folders[-1] / "config.toml").is_file():
-        return folders[-1]
-    return None
-
-
 def check_resume(run: PlannedRun, folder: Path) -> None:
     """Refuse to reuse (or continue) a run whose configuration no longer matches the recipe."""
-    done = flatten(load_config(folder / "config.toml"))
+    done = flatten(read_run_config(folder))
     for key, wanted in flatten(run.config).items():
         if key in done and done[key] != wanted:
             raise ValueError(f"{folder} was run with {key} = {done[key]!r} but the recipe now says {wanted!r}; "
@@ -361,17 +356,30 @@ def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun,
     return total * scale, f"cost model rescaled by {scale:.2g} to match {len(finished)} finished run(s)"
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+def end_with_parent(parent_pid: int) -> None:
+    """In a run started by ``sandbox ablate`` (pid ``parent_pid``): end this process when the ablation ends,
+    however it ends (kill -9 included), so that no orphan keeps training and writing its run folder.
+
+    Linux sends SIGTERM at the parent's death (prctl PR_SET_PDEATHSIG); elsewhere (macOS), and in case the
+    parent died before that was set, a watchdog thread notices the new parent pid within a second.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-ablation", daemon=True).start()
 
 
 def launch_run(arguments: list[str], log_path: Path, gpu: int | None, threads: int | None) -> int:
     """One `sandbox run ARGUMENTS` subprocess; its output goes to the log, its exit code is appended to it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_VARIABLE: str(os.getpid())})
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if gpu is not None:
@@ -385,34 +393,63 @@ def launch_run(arguments: list[str], log_path: Path, gpu: int | None, threads: i
     return code
 
 
-def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False) -> Path:
-    """Run (or with ``dry_run`` only list) every run of a recipe that has no results yet, then summarise."""
-    from sandbox.report import write_summaries
+class RunsFailed(RuntimeError):
+    """Some runs of the ablation failed (the summaries are written all the same)."""
 
+
+def check_out_folder(root: Path, recipe: Recipe) -> None:
+    """``--out`` must be new, empty, or an ablation folder of this recipe whose summaries are ours to replace."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out: {root} exists and is not a folder")
+    if not root.is_dir():
+        return
+    plan = read_plan(root)
+    if plan is None:
+        if any(path.name != LOCK for path in root.iterdir()):   # a lock alone: killed before it wrote the plan
+            raise ValueError(f"--out: {root} is not empty and holds no ablation (no plan.json); "
+                             "choose a new or empty folder")
+        return
+    if plan["recipe"] != recipe.name:
+        raise ValueError(f"--out: {root} holds the ablation '{plan['recipe']}'; choose another folder for '{recipe.name}'")
+    check_summaries_replaceable(root, list(SUMMARY_FILES))
+
+
+def set_aside(folder: Path, root: Path) -> Path:
+    """Move a run folder whose run stopped before its first checkpoint to incomplete/ (kept, not reused)."""
+    target, suffix = root / "incomplete" / folder.name, 0
+    target.parent.mkdir(exist_ok=True)
+    while target.exists():
+        suffix += 1
+        target = root / "incomplete" / f"{folder.name}-{suffix}"
+    folder.rename(target)
+    return target
+
+
+def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False) -> Path:
+    """Run (or with ``dry_run`` only list) every run of a recipe that has no results yet, then summarise.
+    Raises RunsFailed, after writing the summaries, if any run failed."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs: expected a positive integer, got {jobs!r}")
     recipe = load_recipe(recipe_path)
     runs = plan_runs(recipe)
     root = Path(out) if out is not None else Path("ablations") / recipe.name
-    runs_dir = root / "runs"
-    if (root / "plan.json").is_file():
-        earlier = json.loads((root / "plan.json").read_text())["recipe"]
-        if earlier != recipe.name:
-            raise ValueError(f"--out: {root} holds the ablation '{earlier}'; choose another folder for '{recipe.name}'")
+    check_out_folder(root, recipe)
 
     finished, pending = [], []
     resumable: dict[str, Path] = {}
     for run in runs:
-        folder = find_run_folder(runs_dir, run.name)
-        if folder is not None:
+        folder = ablation_run_folder(root, run.name)
+        results = read_results(folder)
+        if results is not None:
             check_resume(run, folder)
-            finished.append((run, json.loads((folder / "results.json").read_text())))
+            finished.append((run, results))
             continue
         pending.append(run)
-        partial = find_resumable(runs_dir, run.name)
-        if partial is not None:
-            check_resume(run, partial)
-            resumable[run.name] = partial
+        if is_locked(folder):
+            raise ValueError(f"--out: {folder} is being written by another process; wait for it or stop it")
+        if (folder / CHECKPOINT).is_file() and (folder / CONFIG).is_file():
+            check_resume(run, folder)
+            resumable[run.name] = folder
 
     configurations = len({json.dumps(flatten(run.config) | {"seed": None}, sort_keys=True) for run in runs})
     from_checkpoint = f" ({len(resumable)} from a checkpoint)" if resumable else ""
@@ -431,16 +468,42 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
     gpus = torch.cuda.device_count()
     machine = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"CPU, {os.cpu_count()} cores"
 
-    for sub in ("configs", "logs", "runs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
-            "select_best": recipe.select_best, "plot_x": recipe.plot_x, "plot_x_values": recipe.plot_x_values,
-            "compare": recipe.compare, "machine": machine,
-            "runs": [{"name": r.name, "axes": r.axes, "seed": r.seed, "config": r.config} for r in runs]}
-    (root / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-    for run in pending:
-        # Unchecked on purpose: `sandbox run` checks the values, so one bad grid point fails alone.
-        save_config(RunConfig(**{**RunConfig().to_dict(), **run.config}), root / "configs" / f"{run.name}.toml")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out: cannot create the folder {root} ({error.strerror})") from None
+    lock = FolderLock(root, "--out", "running an ablation in")
+    try:
+        failed = _run_pending(recipe, runs, pending, resumable, root, jobs, gpus, machine)
+    finally:
+        lock.release()
+    if failed:
+        raise RunsFailed(f"{failed} of {len(pending)} run(s) failed; their logs are under {root / 'logs'}, "
+                         f"the summary is {root / 'summary.md'}")
+    return root
+
+
+def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRun], resumable: dict[str, Path],
+                 root: Path, jobs: int, gpus: int, machine: str) -> int:
+    """Write the plan and run configs, run the pending runs, write the summaries; returns how many failed."""
+    try:
+        plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
+                "select_best": recipe.select_best, "plot_x": recipe.plot_x,
+                "plot_x_values": recipe.plot_x_values, "compare": recipe.compare, "machine": machine,
+                "runs": [{"name": r.name, "axes": r.axes, "seed": r.seed, "config": r.config} for r in runs]}
+        write_plan(root, plan)
+        for sub in ("configs", "logs", "runs"):
+            (root / sub).mkdir(exist_ok=True)
+        for run in pending:
+            # Unchecked on purpose: `sandbox run` checks the values, so one bad grid point fails alone.
+            save_config_file(RunConfig(**{**RunConfig().to_dict(), **run.config}), root / "configs" / f"{run.name}.toml")
+            folder = ablation_run_folder(root, run.name)
+            if folder.exists() and run.name not in resumable:
+                set_aside(folder, root)
+    except OSError as error:
+        raise ValueError(f"--out: cannot write into {root} ({error.strerror})") from None
+    except ValueError as error:
+        raise ValueError(f"--out: {error}") from None
 
     # Parallel runs share the CPU cores; more threads than cores makes small models many times slower.
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else None
@@ -450,11 +513,11 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
 
     def run_one(run: PlannedRun) -> int:
         slot = slots.get()
+        folder = ablation_run_folder(root, run.name).resolve()
         if run.name in resumable:
-            arguments = ["--resume", str(resumable[run.name].resolve())]
+            arguments = ["--resume", str(folder)]
         else:
-            arguments = ["--config", str((root / "configs" / f"{run.name}.toml").resolve()),
-                         "--out", str((runs_dir / run.name).resolve())]
+            arguments = ["--config", str((root / "configs" / f"{run.name}.toml").resolve()), "--out", str(folder)]
         # Spread runs over the GPUs, unless the config names one itself (cuda:N).
         gpu = slot % gpus if gpus > 1 and run.config.get("device", "auto") in ("auto", "cuda") else None
         try:
@@ -478,20 +541,21 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
                     raise
         finally:
             write_summaries(root)
-    if failed:
-        print(f"{failed} run(s) failed; their logs are under {root / 'logs'}")
-    return root
+    return failed
 
 
 def ablate_command(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe TOML file, e.g. recipes/quick.toml.")],
-    out: Annotated[Optional[Path], typer.Option(help="Ablation folder (default: ablations/<recipe name>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Ablation folder (default: ablations/<recipe name>); new, "
+                                                "empty, or an ablation of the same recipe (which resumes).")] = None,
     jobs: Annotated[int, typer.Option(help="Runs at a time (with several GPUs, one per GPU).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
 ) -> None:
-    """Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png."""
+    """Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png.
+    Exits with code 1 if any run failed (the summaries are written all the same)."""
     try:
         ablate(recipe, out, jobs, dry_run)
     except ValueError as error:
-        from sandbox.cli import fail
         fail(str(error))
+    except RunsFailed as error:
+        fail(str(error), code=1)

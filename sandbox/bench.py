@@ -14,6 +14,10 @@ autotunes); on CPU it is the median of a few ``time.perf_counter`` runs, so the 
 allocated before the case's inputs. Each forward output is also compared with the float64 per-token loop.
 A case that cannot run (too long for the loop, no GPU, fla missing) is recorded as skipped, one that raises
 (out of memory, kernel error) as failed; neither stops the run. A non-finite output is noted, and timed.
+
+Every case's time and peak memory are divided by its rule's fla counterpart's in the same shape
+(``COUNTERPART``). fla autotunes each kernel for each head size (minutes per function and shape), so a long
+run can be split: ``--resume`` takes an earlier run's JSON and runs only the cases it lacks.
 """
 
 from __future__ import annotations
@@ -34,12 +38,19 @@ import typer
 from torch import Tensor
 from tqdm import tqdm
 
+from sandbox.errors import fail
 from sandbox.rules import Rule, get_rule, list_rules
+from sandbox.runfolder import write_text_atomically
 
 IMPLS = ("naive", "chunk", "triton", "fla")
 DEFAULT_SHAPES = ("8,4096,16,128", "32,512,4,64")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-REFERENCE = ("gated_delta", "fla")  # the ratio column divides by this case's time in the same shape
+# The ratio columns divide each case by the fla case of this rule in the same shape. fla has fast kernels for
+# the four first-order rules; its momentum rule is pure PyTorch, so the momentum rules are set against the
+# first-order rule that they extend (the targets of the kernel-speed issue: momentum_delta against fla
+# gated delta, decay_momentum against fla simple_gla).
+COUNTERPART = {"linear": "linear", "decay": "decay", "delta": "delta", "gated_delta": "gated_delta",
+               "momentum_delta": "gated_delta", "decay_momentum": "decay"}
 
 # fla 0.6.0 refuses its gated backward kernels on Hopper with 3.4 <= Triton < 3.7.1 (a compiler bug gives
 # wrong gradients, fla issue 640). Lifting the guard is only acceptable to measure time.
@@ -69,7 +80,8 @@ class CaseResult:
     fwd_bwd_ms: Optional[float] = None
     peak_mb: Optional[float] = None        # above what was allocated before the case; inputs included
     err_vs_loop: Optional[float] = None    # relative RMS of the forward output against the float64 loop
-    vs_fla_gated_delta: Optional[float] = None
+    vs_fla: Optional[float] = None         # time over the fla counterpart's (COUNTERPART), same shape
+    peak_vs_fla: Optional[float] = None    # peak memory over the fla counterpart's
 
 
 def parse_shape(text: str) -> Shape:
@@ -141,17 +153,16 @@ def random_inputs(rule: Rule, shape: Shape, dtype: torch.dtype, device: torch.de
 
 
 def fla_call(fla, rule_name: str) -> Callable[..., Tensor] | None:
-    """The fla 0.6.0 function computing the same ``o`` as our rule, with our gates mapped onto fla's.
+    """The fla 0.6.0 kernel computing the same ``o`` as our rule, with our gates mapped onto fla's.
 
     fla's ``g`` is our ``log_alpha`` (natural log). ``beta`` is cast to the activations' dtype as fla's own
     layers produce it. ``chunk_simple_gla`` has no beta, so ``decay`` folds it into v (one extra multiply,
-    timed). fla's momentum rule is MDN with probe ``p = alpha k`` (``use_p_times_alpha``); ``decay_momentum``
-    is that rule with probe 0. Our keys are already l2-normalised, so fla's in-kernel normalisation is off.
+    timed). Our keys are already l2-normalised, so fla's in-kernel normalisation is off. The momentum rules
+    have none: fla's ``chunk_momentum_delta_rule`` is pure PyTorch and wrong where mu << alpha (BENCHMARKS.md).
     """
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.linear_attn import chunk_linear_attn
-    from fla.ops.momentum_delta_rule import chunk_momentum_delta_rule
     from fla.ops.simple_gla import chunk_simple_gla
 
     def linear(q, k, v):
@@ -166,15 +177,7 @@ def fla_call(fla, rule_name: str) -> Callable[..., Tensor] | None:
     def gated_delta(q, k, v, log_alpha, beta):
         return chunk_gated_delta_rule(q, k, v, g=log_alpha, beta=beta.to(q.dtype))[0]
 
-    def momentum_delta(q, k, v, log_alpha, beta, log_mu, eta):
-        return chunk_momentum_delta_rule(q, k, v, log_alpha, log_mu, beta=beta.to(q.dtype), eta=eta.to(q.dtype),
-                                         use_qk_l2norm_in_kernel=False, use_p_times_alpha=True)[0]
-
-    def decay_momentum(q, k, v, log_alpha, beta, log_mu, eta):
-        return chunk_momentum_delta_rule(q, k, v, log_alpha, log_mu, p=torch.zeros_like(k), beta=beta.to(q.dtype),
-                                         eta=eta.to(q.dtype), use_qk_l2norm_in_kernel=False)[0]
-
-    return {fn.__name__: fn for fn in (linear, decay, delta, gated_delta, momentum_delta, decay_momentum)}.get(rule_name)
+    return {fn.__name__: fn for fn in (linear, decay, delta, gated_delta)}.get(rule_name)
 
 
 def skip_reason(rule: Rule, impl: str, shape: Shape, device: torch.device, fla, naive_max_t: int) -> str | None:
@@ -185,7 +188,7 @@ def skip_reason(rule: Rule, impl: str, shape: Shape, device: torch.device, fla, 
     if impl == "fla" and fla is None:
         return "fla is not installed"
     if impl == "fla" and fla_call(fla, rule.name) is None:
-        return "no fla counterpart"
+        return "no fla kernel (the ratio columns use COUNTERPART)"
     return None
 
 
@@ -238,14 +241,8 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
     if reason:
         result.note = reason
         return result
-    expected = reference() if reference is not None else None     # before the baseline: not this case's memory
-    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    inputs = random_inputs(rule, shape, dtype, device, seed)
-    leaves = [inputs["q"], inputs["k"], inputs["v"], *inputs["gates"].values()]
     forward = make_forward(rule, impl, chunk_size, fla)
-    args = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], **inputs["gates"])
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    grad_out = torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g, device=device, dtype=dtype)
+    expected = inputs = leaves = args = grad_out = None
 
     def infer() -> Tensor:
         with torch.no_grad():
@@ -255,7 +252,14 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
         forward(**args).backward(grad_out)
 
     warnings = []
-    try:
+    try:   # building the inputs can run out of memory too: that is this case failing, not the run
+        expected = reference() if reference is not None else None     # before the baseline: not this case's memory
+        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        inputs = random_inputs(rule, shape, dtype, device, seed)
+        leaves = [inputs["q"], inputs["k"], inputs["v"], *inputs["gates"].values()]
+        args = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], **inputs["gates"])
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        grad_out = torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g, device=device, dtype=dtype)
         if backward:
             for x in leaves:
                 x.requires_grad_(True)
@@ -296,14 +300,20 @@ def run_case(rule: Rule, impl: str, shape: Shape, dtype: torch.dtype, device: to
 
 
 def add_ratios(results: list[CaseResult]) -> None:
-    """Time of each case divided by fla gated delta's in the same shape (fwd+bwd, or fwd without backward)."""
+    """Time (fwd+bwd, or fwd without backward) and peak memory of each case over its rule's fla counterpart's
+    (``COUNTERPART``) in the same shape."""
     def key_time(r: CaseResult) -> float | None:
         return r.fwd_bwd_ms if r.fwd_bwd_ms is not None else r.fwd_ms
 
-    reference = {r.shape: key_time(r) for r in results if (r.rule, r.impl) == REFERENCE and r.status == "ok"}
+    fla = {(r.shape, r.rule): r for r in results if r.impl == "fla" and r.status == "ok"}
     for r in results:
-        if r.status == "ok" and reference.get(r.shape):
-            r.vs_fla_gated_delta = key_time(r) / reference[r.shape]
+        counterpart = fla.get((r.shape, COUNTERPART.get(r.rule)))
+        if r.status != "ok" or counterpart is None:
+            continue
+        if key_time(counterpart):
+            r.vs_fla = key_time(r) / key_time(counterpart)
+        if r.peak_mb is not None and counterpart.peak_mb:
+            r.peak_vs_fla = r.peak_mb / counterpart.peak_mb
 
 
 def format_ms(x: float | None) -> str:
@@ -314,12 +324,13 @@ def format_ms(x: float | None) -> str:
 
 def format_table(results: list[CaseResult]) -> str:
     """A Markdown table (readable in a terminal, pasteable into BENCHMARKS.md)."""
-    header = ["B,T,H,D", "rule", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "err vs loop", "vs fla gated_delta",
-              "note"]
+    header = ["B,T,H,D", "rule", "impl", "fwd ms", "fwd+bwd ms", "peak MB", "err vs loop", "vs fla",
+              "peak vs fla", "note"]
+    ratio = lambda x: "-" if x is None else f"{x:.2f}x"
     rows = [[r.shape, r.rule, r.impl, format_ms(r.fwd_ms), format_ms(r.fwd_bwd_ms),
              "-" if r.peak_mb is None else f"{r.peak_mb:.0f}",
              "-" if r.err_vs_loop is None else f"{r.err_vs_loop:.1e}",
-             "-" if r.vs_fla_gated_delta is None else f"{r.vs_fla_gated_delta:.2f}x",
+             ratio(r.vs_fla), ratio(r.peak_vs_fla),
              r.note if r.status == "ok" else f"{r.status}: {r.note}"] for r in results]
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
 
@@ -340,6 +351,23 @@ def environment(device: torch.device, fla) -> dict:
         "fla": getattr(fla, "__version__", None) if fla is not None else None,
         "python": platform.python_version(),
     }
+
+
+def load_resume(path: Path, options: dict, device: str) -> list[CaseResult]:
+    """The finished ("ok") cases of an earlier bench JSON, after checking it was made like this run."""
+    try:
+        report = json.loads(path.read_text())
+        earlier_options, earlier_device = report["options"], report["environment"]["device"]
+        cases = [CaseResult(**case) for case in report["results"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--resume: {path} is not a readable sandbox bench JSON ({type(error).__name__})") from None
+    for name, value in options.items():
+        if earlier_options.get(name) != value:
+            raise ValueError(f"--resume: {path} was run with {name} = {earlier_options.get(name)!r}, "
+                             f"this run has {value!r}")
+    if earlier_device != device:
+        raise ValueError(f"--resume: {path} was measured on {earlier_device}, this run is on {device}")
+    return [case for case in cases if case.status == "ok"]
 
 
 def default_out_path() -> Path:
@@ -371,10 +399,11 @@ def bench_command(
     fla_lift_guard: bool = typer.Option(False, "--fla-lift-hopper-guard",
                                         help="Let fla's gated kernels run on Hopper with Triton < 3.7.1 "
                                              "(their gradients can be wrong there; for timing only)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="JSON of an earlier run on the same GPU with the "
+                                          "same --dtype, --chunk-size, --seed, --backward/--check: its finished "
+                                          "cases are kept, only the others run; all go to --out."),
 ) -> None:
     """Time forward and forward+backward, and peak memory, of the rules' implementations (and fla's)."""
-    from sandbox.cli import fail
-
     try:
         shapes = list(dict.fromkeys(parse_shape(s) for s in (shape or DEFAULT_SHAPES)))   # repeats dropped
         unknown = [name for name in rule or [] if name not in list_rules()]
@@ -394,10 +423,17 @@ def bench_command(
             raise ValueError(f"--out: {out} already exists (earlier results are never overwritten); pick a new name")
         if out is not None and not out.parent.is_dir():
             raise ValueError(f"--out: folder {out.parent} does not exist")
+        run_options = {"dtype": dtype, "backward": backward, "chunk_size": chunk_size, "seed": seed, "check": check}
+        earlier = load_resume(resume, run_options, environment(torch_device, fla)["device"]) if resume else []
+        path = out or default_out_path()
+        try:
+            open(path, "x").close()                # claim the name now; "x" never overwrites an existing file
+        except OSError as error:
+            raise ValueError(f"--out: cannot create {path} ({error.strerror})") from None
     except ValueError as error:
         fail(str(error))
 
-    notes = []
+    notes = [f"resumed from {resume}: {len(earlier)} finished cases kept"] if resume else []
     if fla is not None and fla_lift_guard:
         import fla.ops.common.chunk_o as fla_chunk_o
 
@@ -407,8 +443,6 @@ def bench_command(
     timer = ("triton.testing.do_bench, median (after a warm-up call)" if torch_device.type == "cuda"
              else f"time.perf_counter, median of {repeats} runs (after a warm-up call)")
 
-    path = out or default_out_path()
-    open(path, "x").close()                        # claim the name now; "x" never overwrites an existing file
     env = environment(torch_device, fla)
     report = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -427,15 +461,30 @@ def bench_command(
         return shapes.index(shape_), rules.index(rule_), impls.index(impl_)
 
     def run_order(case: tuple[Shape, Rule, str]) -> tuple[int, int, int, int]:
-        """Our kernels, the ratio's reference, the chunk form, the loop, other fla (slow to autotune), each over
-        all shapes: a run cut short (time limit, crash) has already saved the cases that matter most."""
+        """Our kernels, the fla counterparts of the ratio columns, the chunk form, the loop, other fla, each
+        over all shapes: a run cut short (time limit, crash) has already saved the cases that matter most."""
         shape_, rule_, impl_ = case
-        order = ("triton", REFERENCE, "chunk", "naive", "fla")
-        priority = order.index((rule_.name, impl_) if (rule_.name, impl_) == REFERENCE else impl_)
+        counterpart = impl_ == "fla" and rule_.name in COUNTERPART.values()
+        order = ("triton", "fla counterpart", "chunk", "naive", "fla")
+        priority = order.index("fla counterpart" if counterpart else impl_)
         return priority, shapes.index(shape_), rules.index(rule_), impls.index(impl_)
 
     cases = sorted(((s, r, i) for s in shapes for r in rules for i in impls), key=run_order)
     done: dict[tuple[Shape, Rule, str], CaseResult] = {}
+    kept = {(e.shape, e.rule, e.impl): e for e in earlier}
+    for case in cases:
+        if (str(case[0]), case[1].name, case[2]) in kept:
+            done[case] = kept[(str(case[0]), case[1].name, case[2])]
+    cases = [case for case in cases if case not in done]
+
+    def save() -> list[CaseResult]:
+        results = [done[case] for case in sorted(done, key=table_order)]
+        add_ratios(results)
+        report["results"] = [asdict(x) for x in results]
+        write_text_atomically(path, json.dumps(report, indent=2) + "\n")   # never half a file
+        return results
+
+    results = save()                     # valid JSON from the start (with the cases --resume kept)
     references: dict[tuple[Shape, str], Callable[[], Tensor]] = {}
     for s, r, i in tqdm(cases, desc="bench", unit="case"):
         # the loop's output is computed once per (shape, rule), and only if some impl of it runs
@@ -447,10 +496,7 @@ def bench_command(
         done[(s, r, i)] = result
         tqdm.write(f"{s} {r.name} {i}: {result.status}, fwd {format_ms(result.fwd_ms)} ms, "
                    f"fwd+bwd {format_ms(result.fwd_bwd_ms)} ms {result.note}".rstrip())
-        results = [done[case] for case in sorted(done, key=table_order)]
-        add_ratios(results)
-        report["results"] = [asdict(x) for x in results]
-        path.write_text(json.dumps(report, indent=2) + "\n")   # after every case: a cut-short run keeps its results
+        results = save()                 # after every case: a run cut short keeps its results
 
     typer.echo(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | fla {env['fla'] or '-'} | "
                f"{dtype} | timer: {timer}")

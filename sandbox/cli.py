@@ -1,12 +1,13 @@
 """The ``sandbox`` command line. Each command lives in its own module; this file wires them together.
 
 A user mistake ends with one line on stderr and exit code 2, never a traceback: commands check their values
-and call ``fail``; an unknown option or a malformed value, which the argument parser itself rejects, is turned
+and call ``sandbox.errors.fail``; an unknown option or a malformed value, which the argument parser itself rejects, is turned
 into the same one line by ``cli_main``, the console entry point.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -16,7 +17,7 @@ try:
 except ImportError:
     from click.exceptions import UsageError
 
-from sandbox.ablate import ablate_command
+from sandbox.ablate import PARENT_PID_VARIABLE, ablate_command, end_with_parent
 from sandbox.bench import bench_command
 from sandbox.doctor import doctor_command
 from sandbox.report import compare_command, report_command
@@ -31,12 +32,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def main() -> None:
     """Understand and compare linear-attention update rules: train, ablate, benchmark."""
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit (code 2: a usage error)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command("rules")
@@ -66,6 +61,8 @@ app.command("doctor")(doctor_command)
 
 def cli_main() -> None:
     """Run the CLI; a parser error (unknown option, bad value, missing argument) becomes one line and exit 2."""
+    if PARENT_PID_VARIABLE in os.environ:   # a run started by `sandbox ablate` ends with it
+        end_with_parent(int(os.environ[PARENT_PID_VARIABLE]))
     try:
         result = app(standalone_mode=False, prog_name="sandbox")
     except UsageError as error:

@@ -2,9 +2,10 @@
 
 The fields mirror the ``sandbox run`` flags (``--batch-size`` is ``batch_size``). A run's values come from
 three layers, later ones winning: the defaults below, a TOML file (``--config FILE``), the flags actually
-given. ``resolve_config`` merges and checks them; ``save_config`` writes the fully resolved config into the
-run folder as ``config.toml``, which ``load_config`` reads back, so any run can be repeated with
-``sandbox run --config runs/<name>/config.toml``.
+given. ``resolve_config`` merges and checks them; ``config_to_toml`` gives the TOML that the run folder keeps as
+``config.toml`` (see ``sandbox.runfolder``), which ``load_config`` reads back, so any run can be repeated with
+``sandbox run --config runs/<name>/config.toml``. That TOML says what to train, never where: ``out`` is left
+out, so a repeated run gets a folder of its own.
 
 TOML layout: every field at top level, except ``task_args``, which is a table::
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -33,6 +35,7 @@ else:  # pragma: no cover - Python 3.10
 from sandbox.layer import DECAY_INITS, DEFAULT_DECAY_INIT, DEFAULT_MOMENTUM_INIT
 
 ATTENTION = "attention"
+MAX_SEED = 2**63 - 1   # TOML integers are 64-bit signed
 IMPLS = ("auto", "naive", "chunk", "triton")
 
 
@@ -70,7 +73,8 @@ class RunConfig:
     # where and how
     device: str = "auto"                # auto: cuda if available, else cpu
     impl: str = "auto"                  # auto: triton on CUDA when its kernels work here, else chunk
-    compile: bool = True                # capture the training step (CUDA graph, torch.compile; see train.py)
+    compile: bool = True                # capture the training step as a CUDA graph (see train.py)
+    inductor: bool = False              # with compile: torch.compile the forward and loss too
     out: str | None = None              # None: runs/<rule>-<task>-<time>
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,13 +87,13 @@ FIELD_TYPES: dict[str, type] = {
     "momentum_init": str, "allow_neg_eigval": bool, "steps": int,
     "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int, "grad_clip": float, "seed": int,
     "eval_every": int, "eval_batches": int, "log_every": int, "checkpoint_every": int, "device": str,
-    "impl": str, "compile": bool, "out": str,
+    "impl": str, "compile": bool, "inductor": bool, "out": str,
 }
 OPTIONAL_FIELDS = ("seq_len", "out")
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def check_type(name: str, value: Any) -> Any:
     """Check one value's type (ints are accepted where floats are expected); raise ValueError naming it."""
     expected = FIELD_TYPES[name]
     if value is None and name in OPTIONAL_FIELDS:
@@ -126,15 +130,17 @@ def _check_values(config: RunConfig) -> None:
         raise ValueError(f"d_model: expected a multiple of heads ({config.heads}), got {config.d_model}")
     if config.chunk_size not in (8, 16, 32, 64, 128):
         raise ValueError(f"chunk_size: expected one of 8, 16, 32, 64, 128, got {config.chunk_size}")
-    if not config.lr > 0:
-        raise ValueError(f"lr: expected a positive number, got {config.lr}")
+    if not 0 < config.lr < math.inf:
+        raise ValueError(f"lr: expected a positive finite number, got {config.lr}")
     for name in ("weight_decay", "warmup_steps"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {getattr(config, name)}")
-    if not config.grad_clip > 0:
-        raise ValueError(f"grad_clip: expected a positive number, got {config.grad_clip}")
-    if not config.min_log_mu < 0:
-        raise ValueError(f"min_log_mu: expected a negative number (log of the smallest mu), got {config.min_log_mu}")
+        if not 0 <= getattr(config, name) < math.inf:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {getattr(config, name)}")
+    if not 0 < config.grad_clip < math.inf:
+        raise ValueError(f"grad_clip: expected a positive finite number, got {config.grad_clip}")
+    if not -math.inf < config.min_log_mu < 0:
+        raise ValueError(f"min_log_mu: expected a finite negative number (log of the smallest mu), got {config.min_log_mu}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {config.seed}")
     for name in ("decay_init", "momentum_init"):
         if getattr(config, name) not in DECAY_INITS:
             raise ValueError(f"{name}: expected one of {', '.join(DECAY_INITS)}, got '{getattr(config, name)}'")
@@ -157,7 +163,7 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
         for name, value in layer.items():
             if name not in FIELD_TYPES:
                 raise ValueError(f"{name}: unknown config key, expected one of: {', '.join(FIELD_TYPES)}")
-            value = _coerce(name, value)
+            value = check_type(name, value)
             values[name] = {**values["task_args"], **value} if name == "task_args" else value
     config = RunConfig(**values)
     _check_values(config)
@@ -167,6 +173,8 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a TOML run config; returns the keys it sets (type-checked), unknown keys raise ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config: '{path}' is a folder, expected a TOML file (a run's is <folder>/config.toml)")
     if not path.is_file():
         raise ValueError(f"config: no such file '{path}'")
     try:
@@ -174,11 +182,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config: '{path}' is not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config: '{path}' is not a text file, expected TOML") from None
+    except OSError as e:
+        raise ValueError(f"config: cannot read '{path}' ({e.strerror})") from None
     for name, value in data.items():
         if name not in FIELD_TYPES:
             raise ValueError(f"config key '{name}' in {path}: unknown, expected one of: {', '.join(FIELD_TYPES)}")
         try:
-            data[name] = _coerce(name, value)
+            data[name] = check_type(name, value)
         except ValueError as e:
             raise ValueError(f"config key {e} (in {path})") from None
     return data
@@ -194,10 +206,10 @@ def _toml_value(value: Any) -> str:
 
 
 def config_to_toml(config: RunConfig) -> str:
-    """The config as TOML that ``load_config`` reads back (fields that are None are left out)."""
+    """The config as TOML that ``load_config`` reads back; ``out`` and fields that are None are left out."""
     lines = []
     for name, value in config.to_dict().items():
-        if name != "task_args" and value is not None:
+        if name not in ("task_args", "out") and value is not None:
             lines.append(f"{name} = {_toml_value(value)}")
     lines.append("")
     lines.append("[task_args]")
@@ -206,5 +218,8 @@ def config_to_toml(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(config_to_toml(config))
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"task_args": {"n": 4}, "lr": 0.1}`` -> ``{"task_args.n": 4, "lr": 0.1}``: one key per setting."""
+    flat = {k: v for k, v in config.items() if k != "task_args"}
+    flat.update({f"task_args.{k}": v for k, v in (config.get("task_args") or {}).items()})
+    return flat

@@ -14,13 +14,16 @@ What the summary reports, and why:
 - ``[compare]`` pairs: the difference of the test metrics with its 95% interval, Welch's test and a verdict
   in words (``b better than a`` at p < 0.05, else "not distinguishable with n seeds"; no correction for
   multiple comparisons, so read a single p near 0.05 among many with care).
-A folder without ``plan.json`` (say, a ``runs/`` folder of separate ``sandbox run`` calls) works too: every
-``results.json`` below it is one run, and the axes are the config keys whose values differ.
+With ``plan.json``, the runs are exactly those it names (``runs/NAME``); a folder without one (say, a
+``runs/`` folder of separate ``sandbox run`` calls) works too: every ``results.json`` below it is one run, and
+the axes are the config keys whose values differ. The summaries replace only files that ``sandbox report``
+wrote itself (``sandbox.runfolder`` keeps their fingerprints): a user's own ``summary.md`` is never overwritten.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -30,8 +33,9 @@ from typing import Annotated
 
 import typer
 
-from sandbox.ablate import find_run_folder, flatten, format_duration, format_value
-from sandbox.config import RunConfig, load_config
+from sandbox.config import RunConfig, flatten
+from sandbox.errors import fail
+from sandbox.runfolder import (ablation_run_folder, read_plan, read_results, read_run_config, write_summary_files)
 from sandbox.stats import mean_interval, verdict, welch
 
 RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss", "test_metric", "test_loss",
@@ -42,6 +46,22 @@ INTERRUPTED_CODES = {130, -2, -9, -15}
 # Keys that never make two runs different configurations.
 NOT_AXES = {"seed", "out", "device", "impl", "eval_every", "eval_batches", "log_every", "checkpoint_every"}
 MAX_PLOT_LINES = 12
+SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+
+
+def format_value(value: object) -> str:
+    """A value as it appears in folder names and tables: ``true``, ``0.001``, ``delta``; unset is ``-``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "-" if value is None or value == "" else str(value)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -93,7 +113,7 @@ def _row(root: Path, name: str, axes: list[str], config: dict, seed: int, folder
     row = {"name": name}
     row.update({axis: config.get(axis, "") for axis in axes})
     row["seed"] = seed
-    results = json.loads((folder / "results.json").read_text()) if folder else {}
+    results = (read_results(folder) or {}) if folder else {}
     row["status"] = "ok" if folder else _read_status(log) if log else "not run"
     row.update({key: results.get(key, "") for key in RESULT_COLUMNS})
     # Paths relative to the summary's folder, so that the folder can be moved or shared.
@@ -108,16 +128,16 @@ def load_ablation(root: str | Path) -> Ablation:
     if not root.is_dir():
         raise ValueError(f"DIR: not a folder: {root}")
     defaults = flatten(RunConfig().to_dict())
-    plan_path = root / "plan.json"
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
+    plan = read_plan(root)
+    if plan is not None:
         ablation = Ablation(plan["recipe"], plan["description"], plan["axes"], plan["select_best"], plan["plot_x"],
                             plan["machine"], plan.get("plot_x_values"), plan.get("compare"))
         for run in plan["runs"]:
-            folder = find_run_folder(root / "runs", run["name"])
+            folder = ablation_run_folder(root, run["name"])
+            folder = folder if read_results(folder) is not None else None
             config = dict(defaults, **flatten(run["config"]))
             if folder:
-                config.update(flatten(load_config(folder / "config.toml")))
+                config.update(flatten(read_run_config(folder)))
             log = root / "logs" / f"{run['name']}.log"
             ablation.rows.append(_row(root, run["name"], ablation.axes, config, run["seed"], folder, log))
         return ablation
@@ -125,7 +145,7 @@ def load_ablation(root: str | Path) -> Ablation:
     folders = sorted(p.parent for p in root.rglob("results.json"))
     if not folders:
         raise ValueError(f"DIR: no plan.json and no run folder with results.json under {root}")
-    configs = [flatten(load_config(folder / "config.toml")) for folder in folders]
+    configs = [flatten(read_run_config(folder)) for folder in folders]
     keys = list(dict.fromkeys(key for config in configs for key in config))
     axes = [key for key in keys if key not in NOT_AXES
             and len({json.dumps(config.get(key)) for config in configs}) > 1]
@@ -358,14 +378,14 @@ def summary_markdown(ablation: Ablation, root: Path) -> str:
     return "\n".join(lines)
 
 
-def write_plot(ablation: Ablation, path: Path) -> bool:
+def plot_png(ablation: Ablation) -> bytes | None:
     """summary.png: the reported metric against ``plot_x`` (one line per setting of the other axes, one panel per
     task), each point the mean over seeds with its 95% interval, and each seed as a faint dot."""
     try:
         import matplotlib
     except ImportError:
         print('summary.png skipped: matplotlib is not installed (pip install -e ".[plot]" for plots)')
-        return False
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -375,7 +395,7 @@ def write_plot(ablation: Ablation, path: Path) -> bool:
     key = ablation.reported
     configurations = [c for c in configurations if c.mean(key) is not None]
     if not configurations or not ablation.axes:
-        return False
+        return None
     x_axis = ablation.plot_x or ("rule" if "rule" in ablation.axes else ablation.axes[0])
     panel_axis = "task" if "task" in ablation.axes and x_axis != "task" else None
     hidden = {x_axis, panel_axis, ablation.select_best}
@@ -388,7 +408,7 @@ def write_plot(ablation: Ablation, path: Path) -> bool:
     if lines > MAX_PLOT_LINES:
         print(f"summary.png skipped: {lines} lines per panel are too many to read; "
               "summarise fewer runs, or an ablation folder whose recipe sets plot_x")
-        return False
+        return None
     def label(c: Configuration) -> str:
         return ", ".join(f"{a.removeprefix('task_args.')}={format_value(c.axes[a])}" for a in series_axes)
 
@@ -439,33 +459,40 @@ def write_plot(ablation: Ablation, path: Path) -> bool:
         figure.legend([handles[n] for n in labels if n in handles], [n for n in labels if n in handles],
                       fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
     figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
-    return True
+    return image.getvalue()
+
+
+def summary_csv(ablation: Ablation) -> str:
+    columns = ["name", *ablation.axes, "seed", "status", *RESULT_COLUMNS, "folder", "log"]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in ablation.rows:
+        writer.writerow({key: format_value(row[key]) if isinstance(row[key], bool) else row[key] for key in columns})
+    return text.getvalue()
 
 
 def write_summaries(root: str | Path) -> Ablation:
-    """(Re)write summary.csv, summary.md and summary.png of an ablation folder from its run folders."""
+    """(Re)write summary.csv, summary.md and summary.png of an ablation folder from its run folders; refuses
+    (ValueError) to replace a summary file that it did not write."""
     root = Path(root)
     ablation = load_ablation(root)
-    columns = ["name", *ablation.axes, "seed", "status", *RESULT_COLUMNS, "folder", "log"]
-    with open(root / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in ablation.rows:
-            writer.writerow({key: format_value(row[key]) if isinstance(row[key], bool) else row[key] for key in columns})
-    (root / "summary.md").write_text(summary_markdown(ablation, root))
-    plotted = write_plot(ablation, root / "summary.png")
-    print(f"wrote {root / 'summary.csv'}, {root / 'summary.md'}" + (f", {root / 'summary.png'}" if plotted else ""))
+    files = {"summary.csv": summary_csv(ablation).encode(), "summary.md": summary_markdown(ablation, root).encode()}
+    image = plot_png(ablation)
+    if image is not None:
+        files["summary.png"] = image
+    write_summary_files(root, files)
+    print("wrote " + ", ".join(str(root / name) for name in files))
     return ablation
 
 
 def _load_run(argument: str, folder: Path) -> tuple[dict, dict]:
     if not (folder / "config.toml").is_file():
         raise ValueError(f"{argument}: {folder} is not a run folder (expected config.toml written by `sandbox run`)")
-    results_path = folder / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    return flatten(load_config(folder / "config.toml")), results
+    return flatten(read_run_config(folder)), read_results(folder) or {}
 
 
 def _difference(a: object, b: object) -> str:
@@ -517,7 +544,6 @@ def report_command(
     try:
         write_summaries(directory)
     except ValueError as error:
-        from sandbox.cli import fail
         fail(str(error))
 
 
@@ -529,5 +555,4 @@ def compare_command(
     try:
         typer.echo(compare(run_a, run_b))
     except ValueError as error:
-        from sandbox.cli import fail
         fail(str(error))

@@ -1,33 +1,30 @@
 """Training: one run of a small language model on a task, into a run folder that is never overwritten.
 
-A run folder holds
-    config.toml      the fully resolved config (repeat the run with ``sandbox run --config <it>``)
-    metrics.jsonl    one JSON object per logged train step and per evaluation
-    results.json     the summary at the end (final eval loss and metric, size, speed)
-    checkpoint.pt    model, optimizer, scheduler, step and every RNG state (replaced atomically)
-    events.out.*     TensorBoard: losses, metric, lr, grad norm, tokens/s, per-layer state norms and gates
+The run folder's files (config.toml, metrics.jsonl, results.json, checkpoint.pt, TensorBoard events) and how
+they are written are ``sandbox.runfolder``'s business; the trainer holds the folder's lock while it runs, so a
+second trainer in the same folder is refused.
 
 ``--resume DIR`` reloads the checkpoint and continues; on CPU the resumed losses equal an uninterrupted
 run's bit for bit: the model and optimizer restart from saved state, and the learning rate and the batch of
 each step are functions of the step number.
+It refuses a config.toml edited since the checkpoint (only ``steps`` and ``device`` may change).
 A non-finite loss or gradient norm stops the run (``NonFiniteLoss``) and leaves the last good checkpoint.
 
 Speed: the training step runs without host synchronisation. Batches are generated a block of steps at a
 time and copied to the device in one go; the loss and gradient norm of every step land in a device buffer
 that is read (and checked for NaN) only on logging steps and before evaluations and checkpoints. With
-``compile`` (the default) the forward and loss go through ``torch.compile`` where that was measured to pay,
-and on CUDA the whole step (forward, backward, clipping, AdamW) is captured once as a CUDA graph and replayed;
-if either fails, a one-line note says so and the run goes on eagerly.
+``compile`` (the default) the whole step on CUDA (forward, backward, clipping, AdamW) is captured once as a
+CUDA graph and replayed; ``inductor`` also sends the forward and loss through ``torch.compile`` (fewer, fused
+kernels: faster steps, but tens of seconds of compilation on a fresh machine). If either fails, a one-line
+note says so and the run goes on eagerly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -37,17 +34,18 @@ import typer
 from torch import Tensor
 from tqdm import tqdm
 
-from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config, save_config
+from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config
+from sandbox.errors import fail
 from sandbox.layer import DECAY_INITS, resolve_impl, triton_works
 from sandbox.model import LanguageModel
+from sandbox.runfolder import CHECKPOINT, CONFIG, RunFolder, config_differences, is_run_folder
 from sandbox.tasks import create_task
 from sandbox.tasks.base import Task, split_generator
 
-CHECKPOINT = "checkpoint.pt"
 BLOCK_TOKENS = 2**18    # training tokens generated (on the CPU) and copied to the device at a time
 CAPTURE_AFTER = 3       # eager steps before a CUDA-graph capture: kernels compile and caches fill outside it
-# torch.compile the forward and loss on this kind of device when ``compile`` is on (measured, BENCHMARKS.md).
-COMPILE_FORWARD = {"cuda": True, "cpu": False}
+# Settings that --resume may change; every other key of config.toml must match the checkpoint's.
+RESUMABLE_CHANGES = {"steps", "device", "out"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,39 +69,24 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
-def choose_impl(config: RunConfig, device: torch.device) -> str:
-    """The rule implementation actually used; an explicit ``triton`` must pass its self-test here."""
+def choose_impl(config: RunConfig, device: torch.device, seq_len: int) -> str:
+    """The rule implementation actually used; an explicit ``triton`` must pass its self-test here.
+
+    The self-test runs the run's own rule, sequence length, heads, head size and (on CUDA, bf16) dtype, so the
+    kernels it compiles are the ones the training steps use.
+    """
     if config.rule == ATTENTION:
         return "sdpa"
+    self_test = {"rule_name": config.rule, "shape": (1, seq_len, config.heads, config.d_model // config.heads),
+                 "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
     if config.impl == "triton":
         if config.chunk_size not in (16, 32, 64):
             raise ValueError(f"chunk_size: the triton kernels take 16, 32 or 64, got {config.chunk_size}")
-        works, reason = triton_works(device, config.chunk_size)
+        works, reason = triton_works(device, config.chunk_size, **self_test)
         if not works:
             raise ValueError(f"impl: the triton kernels do not run on {device} here ({reason}); "
                              "use --impl chunk, or a GPU (or TRITON_INTERPRET=1 on CPU, slow)")
-    return resolve_impl(config.impl, device, config.chunk_size)
-
-
-def new_run_folder(out: str | None, config: RunConfig) -> Path:
-    """Create the run folder: ``out``, or ``runs/<rule>-<task>-<time>``; if taken, the first free ``-1``, ``-2``..."""
-    base = Path(out) if out else Path("runs") / f"{config.rule}-{config.task}-{datetime.now():%Y%m%d-%H%M%S}"
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"out: '{base.parent}' exists and is not a folder") from None
-    except OSError as error:
-        raise ValueError(f"out: cannot create the folder '{base.parent}' ({error.strerror})") from None
-    candidate, suffix = base, 0
-    while True:
-        try:
-            candidate.mkdir()   # atomic: two runs started together cannot get the same folder
-            return candidate
-        except FileExistsError:
-            suffix += 1
-            candidate = base.with_name(f"{base.name}-{suffix}")
-        except OSError as error:
-            raise ValueError(f"out: cannot create the run folder '{candidate}' ({error.strerror})") from None
+    return resolve_impl(config.impl, device, config.chunk_size, **self_test)
 
 
 class BatchStream:
@@ -147,6 +130,41 @@ def language_model_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def estimate_training_bytes(sizes: dict[str, int], heads: int, chunk_size: int) -> int:
+    """A rough upper estimate of the memory one training step needs: weights, gradients and AdamW's two
+    moments in float32, and the activations kept for the backward pass (per token: a few dozen d_model-wide
+    vectors per layer, the chunk form's states and intra-chunk products, and the logits).
+    ``sizes``: d_model, layers, batch_size, seq_len, vocab_size."""
+    d, layers, vocab = sizes["d_model"], sizes["layers"], sizes["vocab_size"]
+    parameters = vocab * d + layers * 14 * d * d
+    per_token = layers * (40 * d + 8 * chunk_size * heads + 4 * d * d // (heads * chunk_size)) + 3 * vocab
+    return 16 * parameters + 4 * sizes["batch_size"] * sizes["seq_len"] * per_token
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not POSIX: assume a small machine
+        return 16 * 2**30
+
+
+def check_memory(config: RunConfig, task: Task, device: torch.device, failed: bool = False) -> None:
+    """Refuse a model or batch far too big for this machine before allocating it, naming the size argument
+    whose reduction to 1 would shrink the estimate most. ``failed``: an allocation already failed, refuse."""
+    sizes = {"d_model": config.d_model, "layers": config.layers, "batch_size": config.batch_size,
+             "seq_len": task.seq_len, "vocab_size": task.vocab_size}
+    needed, available = estimate_training_bytes(sizes, config.heads, config.chunk_size), device_memory_bytes(device)
+    if needed <= available and not failed:
+        return
+    name = min(sizes, key=lambda n: estimate_training_bytes({**sizes, n: 1}, config.heads, config.chunk_size))
+    flag = "--task-arg vocab_size" if name == "vocab_size" else f"--{name.replace('_', '-')}"
+    need = "the model does not fit in" if failed else f"training would need about {needed / 2**30:,.1f} GiB of"
+    raise ValueError(f"{name}: {sizes[name]} is too large: {need} {device}'s memory ({available / 2**30:,.1f} GiB); "
+                     f"use a smaller {flag}")
+
+
 def build_model(config: RunConfig, task: Task, impl: str) -> LanguageModel:
     return LanguageModel(task.vocab_size, config.rule, config.d_model, config.layers, config.heads,
                          short_conv=config.short_conv, stability_constraint=config.stability_constraint,
@@ -169,11 +187,17 @@ class Trainer:
         """Build the task, model and optimizer; bad input raises ValueError here, before any folder exists."""
         self.device = choose_device(config.device)
         config, self.task = resolve_task(config)
-        self.impl = choose_impl(config, self.device)
+        self.impl = choose_impl(config, self.device, self.task.seq_len)
         self.config, self.progress = config, progress
 
+        check_memory(config, self.task, self.device)
         torch.manual_seed(config.seed)
-        self.model = build_model(config, self.task, self.impl).to(self.device)
+        try:
+            self.model = build_model(config, self.task, self.impl).to(self.device)
+        except (RuntimeError, MemoryError) as error:   # the estimate was too low: still no folder, no traceback
+            if "memory" not in str(error).lower() and not isinstance(error, MemoryError):
+                raise
+            check_memory(config, self.task, self.device, failed=True)
         on_cuda = self.device.type == "cuda"
         self.capture = config.compile and on_cuda   # replay the step as a CUDA graph (after CAPTURE_AFTER steps)
         # Under capture the learning rate is a device tensor that each step refills (a float would be baked
@@ -182,7 +206,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.optimizer_groups(config.weight_decay), lr=lr,
                                            betas=(0.9, 0.95), fused=on_cuda, capturable=self.capture)
         self.forward_loss = self._forward_loss
-        if config.compile and COMPILE_FORWARD.get(self.device.type, False):
+        if config.compile and config.inductor:
             self.forward_loss = torch.compile(self._forward_loss)
         self.train_batches = BatchStream(self.task, "train", config.seed, config.batch_size, self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -204,39 +228,40 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def start(self, folder: Path, resume: bool = False) -> None:
-        """Attach the run folder (loading its checkpoint when resuming) and open the TensorBoard writer."""
-        self.folder = folder
+    def start(self, run_folder: RunFolder, resume: bool = False) -> None:
+        """Attach the (locked) run folder, loading its checkpoint when resuming, and open the TensorBoard writer."""
+        self.run_folder, self.folder = run_folder, run_folder.path
         if resume:
             self._load_checkpoint()
         from torch.utils.tensorboard import SummaryWriter   # imported late: it is slow to import
 
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=self.step + 1 if resume else None)
+        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.step + 1 if resume else None)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
         state = {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
-            "wall_seconds": self.wall_seconds,
+            "wall_seconds": self.wall_seconds, "config": self.config.to_dict(),
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        temporary = self.folder / (CHECKPOINT + ".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, self.folder / CHECKPOINT)   # a crash mid-save leaves the previous checkpoint
+        self.run_folder.save_checkpoint(state)   # atomic: a crash mid-save leaves the previous checkpoint
         self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
-        path = self.folder / CHECKPOINT
-        if not path.is_file():
-            raise ValueError(f"resume: no {CHECKPOINT} in '{self.folder}' (the run stopped before its first checkpoint)")
+        state = self.run_folder.load_checkpoint(self.device)
+        if "config" in state:   # checkpoints of earlier versions lack it
+            changed = config_differences(state["config"], self.config.to_dict(), RESUMABLE_CHANGES)
+            if changed:
+                raise ValueError(f"resume: {self.folder / CONFIG} differs from the run's checkpoint in "
+                                 f"{'; '.join(changed)}; undo the edit (only steps and device may change), "
+                                 "or start a new run with --config")
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
             self.model.load_state_dict(state["model"])
-        except Exception as error:   # truncated file, other model: report it as the user's input problem
-            raise ValueError(f"resume: cannot load {path} ({type(error).__name__}); "
-                             "is it a complete checkpoint of this run's model?") from None
+        except Exception as error:   # another model's weights: report it as the user's input problem
+            raise ValueError(f"resume: cannot load {self.folder / CHECKPOINT} ({type(error).__name__}); "
+                             "is it a checkpoint of this run's model?") from None
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
@@ -244,19 +269,11 @@ class Trainer:
         self.step, self.train_seconds, self.wall_seconds = state["step"], state["train_seconds"], state["wall_seconds"]
         self.timed_steps = state.get("timed_steps", self.step)   # checkpoints of earlier versions lack it
         self.checkpoint_step = self.unchecked_from = self.step
-        self._drop_metrics_after(self.step)
-
-    def _drop_metrics_after(self, step: int) -> None:
-        """Metrics logged after the checkpoint by the interrupted session are about to be recomputed."""
-        path = self.folder / "metrics.jsonl"
-        if path.is_file():
-            lines = path.read_text().splitlines(keepends=True)
-            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+        self.run_folder.keep_metrics_until(self.step)   # the interrupted session's later records are recomputed
 
     # --- logging ----------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        with (self.folder / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run_folder.append_metrics(record)
         split = record["split"]
         for name, value in record.items():
             if name not in ("step", "split") and isinstance(value, (int, float)):
@@ -464,7 +481,7 @@ class Trainer:
             self.train_seconds, self.timed_steps = warm_seconds, warm_steps
 
     def _results(self, test_loss: float, test_metric: float) -> dict[str, Any]:
-        evals = [json.loads(line) for line in (self.folder / "metrics.jsonl").read_text().splitlines()]
+        evals = self.run_folder.read_metrics()
         final = [r for r in evals if r["split"] == "valid"][-1]
         last_train = [r for r in evals if r["split"] == "train"][-1]
         state_size, state_label = self.model.state_size(self.task.seq_len)
@@ -479,7 +496,7 @@ class Trainer:
             "wall_seconds": self.wall_seconds, "device": str(self.device), "impl": self.impl,
             "compiled": self.forward_loss != self._forward_loss, "cuda_graph": self.graph is not None,
         }
-        (self.folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        self.run_folder.write_results(results)
         return results
 
     def describe(self) -> str:
@@ -493,34 +510,31 @@ class Trainer:
 def train(config: RunConfig, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Train a new run into a fresh folder; returns the folder and the results (also in results.json)."""
     trainer = Trainer(config, progress=progress)
-    folder = new_run_folder(config.out, trainer.config)
-    trainer.config.out = str(folder)
-    trainer.start(folder)
-    save_config(trainer.config, folder / "config.toml")
-    print(trainer.describe())
-    return folder, trainer.fit()
+    with RunFolder.create(config.out, trainer.config) as folder:
+        trainer.start(folder)
+        folder.write_config(trainer.config)
+        print(trainer.describe())
+        return folder.path, trainer.fit()
 
 
 def resume(folder: str | Path, overrides: dict[str, Any] | None = None,
            progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Continue the run in ``folder`` from its checkpoint. ``overrides`` may change only ``steps`` (to train
     longer; the cosine schedule then stretches to the new total) and ``device``."""
-    folder = Path(folder)
-    if not (folder / "config.toml").is_file():
-        raise ValueError(f"resume: '{folder}' is not a run folder (no config.toml)")
     overrides = overrides or {}
     fixed = sorted(set(overrides) - {"steps", "device"})
     if fixed:
         raise ValueError(f"resume: '{fixed[0]}' cannot change when resuming (only steps and device can)")
-    trainer = Trainer(resolve_config(load_config(folder / "config.toml"), overrides), progress=progress)
-    trainer.start(folder, resume=True)
-    if trainer.step > trainer.config.steps:
-        raise ValueError(f"steps: the run is already at step {trainer.step}, got --steps {trainer.config.steps}")
-    if overrides:
-        save_config(trainer.config, folder / "config.toml")
-    print(trainer.describe())
-    print(f"resuming at step {trainer.step} of {trainer.config.steps}")
-    return folder, trainer.fit()
+    with RunFolder.open(folder) as run_folder:
+        trainer = Trainer(resolve_config(run_folder.read_config(), overrides), progress=progress)
+        trainer.start(run_folder, resume=True)
+        if trainer.step > trainer.config.steps:
+            raise ValueError(f"steps: the run is already at step {trainer.step}, got --steps {trainer.config.steps}")
+        if overrides:
+            run_folder.write_config(trainer.config)
+        print(trainer.describe())
+        print(f"resuming at step {trainer.step} of {trainer.config.steps}")
+        return run_folder.path, trainer.fit()
 
 
 # --- the `sandbox run` command ----------------------------------------------------------------------------
@@ -566,14 +580,13 @@ def run_command(
     checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Checkpoint every N steps and at the end (default {DEFAULTS.checkpoint_every}).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default auto: cuda if available).")] = None,
     impl: Annotated[Optional[str], typer.Option(help="auto, naive, chunk or triton (default auto: triton on CUDA if its self-test passes, else chunk).")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Capture the training step: torch.compile and, on CUDA, one CUDA graph replayed every step; falls back to eager with a note if capture fails (default on).")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Capture the training step on CUDA as one CUDA graph replayed every step; falls back to eager with a note if capture fails (default on).")] = None,
+    inductor: Annotated[Optional[bool], typer.Option("--inductor/--no-inductor", help="With --compile, also torch.compile the forward and loss: faster steps, slower start (default off).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<rule>-<task>-<time>); an existing one gets a -N suffix.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with these settings; flags override it.")] = None,
     resume_from: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its checkpoint.")] = None,
 ) -> None:
     """Train a small model with one update rule on a task; results land in a new run folder."""
-    from sandbox.cli import fail
-
     # Only the flags actually given override the config file (typer leaves the others at None).
     given = {name: value for name, value in locals().items()
              if value is not None and name not in ("task_arg", "config", "resume_from", "fail")}
@@ -586,6 +599,8 @@ def run_command(
             folder, results = resume(resume_from, given)
         else:
             from_file = load_config(config) if config is not None else {}
+            if config is not None and config.name == CONFIG and is_run_folder(config.parent):
+                from_file.pop("out", None)   # a run's config (older versions saved its folder): repeat it elsewhere
             folder, results = train(resolve_config(from_file, given))
     except ValueError as error:
         fail(str(error))

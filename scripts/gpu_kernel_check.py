@@ -31,12 +31,19 @@ def run_tests(out: Path, jobs: int, select: str | None) -> int:
     collected = subprocess.run(pytest + ["--collect-only", "-q"], capture_output=True, text=True).stdout
     node_ids = [line for line in collected.splitlines() if "::" in line]
     groups = [node_ids[i::jobs] for i in range(jobs) if node_ids[i::jobs]]
+    # Each process logs to its own file as it goes, so a run stopped by a time limit keeps what it did.
+    logs = out / "pytest-logs"
+    logs.mkdir(exist_ok=True)
     processes = [subprocess.Popen([*pytest[:3], "-s", "-q", "-p", "no:cacheprovider", *group],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for group in groups]
-    outputs = [process.communicate()[0] for process in processes]
-    returncode = max((process.returncode for process in processes), default=1)
+                                  stdout=open(logs / f"{i}.log", "w"), stderr=subprocess.STDOUT)
+                 for i, group in enumerate(groups)]
+    returncode = max((process.wait() for process in processes), default=1)
+    outputs = [(logs / f"{i}.log").read_text() for i in range(len(groups))]
     log = "\n".join(outputs)
     (out / "kernel_tests.log").write_text(log)
+    for i in range(len(groups)):
+        (logs / f"{i}.log").unlink()
+    logs.rmdir()
     summaries = [output.strip().splitlines()[-1] for output in outputs if output.strip()]
     rows = []
     for line in log.splitlines():
@@ -88,20 +95,24 @@ def time_rule(name: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
     return fwd, fwd_bwd
 
 
-def profile_rules(out: Path) -> None:
-    """Per-kernel CUDA time of one forward+backward per rule and shape (torch.profiler)."""
+def profile_rules(out: Path, shapes: list) -> None:
+    """Per-kernel CPU and CUDA time of one forward+backward per rule and shape (torch.profiler), and the
+    do_bench medians beside them (far above the kernels' sum: the host is the bottleneck)."""
     lines = []
     for name in RULES:
-        for shape in SHAPES:
+        for shape in shapes:
             _, forward_backward, leaves = training_step(name, *shape)
             forward_backward()                      # compile and warm up outside the profile
             for leaf in leaves:                     # so the profiled step assigns .grad instead of adding
                 leaf.grad = None
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
                 forward_backward()
                 torch.cuda.synchronize()
-            lines += [f"## {name} {shape}", prof.key_averages().table(sort_by="device_time_total", row_limit=12)]
+            lines += [f"## {name} {shape}", prof.key_averages().table(sort_by="device_time_total", row_limit=14)]
+            fwd, fwd_bwd = time_rule(name, *shape)
+            lines.append(f"do_bench median: forward {fwd:.3f} ms, forward+backward {fwd_bwd:.3f} ms")
     (out / "kernel_profile.txt").write_text("\n".join(lines))
     print("\n".join(lines), flush=True)
 
@@ -129,6 +140,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also a per-kernel profile of each rule")
     parser.add_argument("--jobs", type=int, default=6, help="parallel pytest processes")
     parser.add_argument("--select", help="pytest -k expression to run a subset of the GPU tests")
+    parser.add_argument("--profile-shape", type=int, choices=range(len(SHAPES)),
+                        help="profile only SHAPES[i] (0: large, 1: small)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_kernel_check: needs a CUDA GPU")
@@ -137,7 +150,7 @@ def main() -> None:
     if not args.skip_timings:
         run_timings(args.out)
     if args.profile:
-        profile_rules(args.out)
+        profile_rules(args.out, SHAPES if args.profile_shape is None else [SHAPES[args.profile_shape]])
     sys.exit(status)
 
 

@@ -20,22 +20,19 @@ import triton.testing
 import sandbox.kernels as kernels
 from gpu_kernel_check import RULES, training_step
 
-KERNELS = ("prepare", "forward_scan", "forward_output", "backward_intra", "backward_scan", "backward_chunk")
+KERNELS = ("prepare", "forward_scan", "forward_output", "backward_intra", "backward_scan", "backward_chunk",
+           "gates_forward", "gates_backward")
 SCANS = ("forward_scan", "backward_scan")
 VARIANTS = {
     "base": {},
-    "scan_stages2": {s: {"num_stages": 2} for s in SCANS},
-    "scan_warps8": {s: {"num_warps": 8} for s in SCANS},
-    "scan_bv16": {s: {"BV": 16} for s in SCANS},
+    "chunk_bv64": {"backward_chunk": {"BV": 64}},
+    "chunk_s2": {"backward_chunk": {"num_stages": 2}},
+    "chunk_w4": {"backward_chunk": {"num_warps": 4}},
+    "chunk_bk128": {"backward_chunk": {"BK": 128, "num_warps": 8}},
+    "par_bv128": {"forward_output": {"BV": 128}, "backward_intra": {"BV": 128}},
+    "par_w8": {"forward_output": {"num_warps": 8}, "backward_intra": {"num_warps": 8}},
+    "scan_s2": {s: {"num_stages": 2} for s in SCANS},
     "scan_bv64_w8": {s: {"BV": 64, "num_warps": 8} for s in SCANS},
-    "scan_w8_s2": {s: {"num_warps": 8, "num_stages": 2} for s in SCANS},
-    "chunk_bv64_w8": {"backward_chunk": {"BV": 64, "num_warps": 8}, "prepare": {"num_warps": 8},
-                      "forward_output": {"BV": 128, "num_warps": 8},
-                      "backward_intra": {"BV": 128, "num_warps": 8}},
-    "chunk_w8": {"backward_chunk": {"num_warps": 8}, "prepare": {"num_warps": 2}, "forward_output": {"num_warps": 8},
-                 "backward_intra": {"num_warps": 8}},
-    "chunk_bk32": {"backward_chunk": {"BK": 32}, "forward_output": {"BV": 32}, "backward_intra": {"BV": 32}},
-    "chunk_s2": {"backward_chunk": {"num_stages": 2}, "forward_output": {"num_stages": 2}},
 }
 SHAPE = (8, 4096, 16, 128)
 original = kernels._launch_config
@@ -86,15 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--compile")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (repeatable)")
     args = parser.parse_args()
     if args.compile:
         compile_variant(args.compile)
         return
-    procs = [subprocess.Popen([sys.executable, __file__, "--compile", name]) for name in VARIANTS]
+    variants = args.variant or list(VARIANTS)
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile", name]) for name in variants]
     for proc in procs:
         proc.wait()
     results = {}
-    for name in VARIANTS:
+    for name in variants:
         use_variant(name)
         for rule in RULES:
             try:

@@ -70,6 +70,7 @@ def test_bench_never_overwrites_and_default_name_is_new(tmp_path, monkeypatch):
     (["--device", "tpu"], "--device"),
     (["--repeats", "0"], "--repeats"),
     (["--chunk-size", "48"], "--chunk-size"),
+    (["--resume", "no-such-bench.json"], "--resume"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, named):
     result = invoke(*args)
@@ -78,12 +79,36 @@ def test_bad_flags_exit_2_with_one_line(args, named):
     assert len(lines) == 1 and named in lines[0], result.output
 
 
-def test_ratio_is_relative_to_fla_gated_delta_in_the_same_shape():
-    results = [CaseResult("1,64,1,8", "gated_delta", "fla", "ok", fwd_ms=1.0, fwd_bwd_ms=4.0),
+def test_ratios_are_relative_to_the_fla_counterpart_in_the_same_shape():
+    results = [CaseResult("1,64,1,8", "gated_delta", "fla", "ok", fwd_ms=1.0, fwd_bwd_ms=4.0, peak_mb=100.0),
+               CaseResult("1,64,1,8", "decay", "fla", "ok", fwd_ms=1.0, fwd_bwd_ms=2.0, peak_mb=50.0),
+               CaseResult("1,64,1,8", "gated_delta", "triton", "ok", fwd_ms=1.0, fwd_bwd_ms=6.0, peak_mb=80.0),
                CaseResult("1,64,1,8", "momentum_delta", "chunk", "ok", fwd_ms=3.0, fwd_bwd_ms=10.0),
+               CaseResult("1,64,1,8", "decay_momentum", "triton", "ok", fwd_ms=3.0, fwd_bwd_ms=3.0, peak_mb=75.0),
+               CaseResult("1,64,1,8", "delta", "triton", "ok", fwd_ms=3.0, fwd_bwd_ms=3.0),
                CaseResult("2,64,1,8", "momentum_delta", "chunk", "ok", fwd_ms=3.0, fwd_bwd_ms=10.0)]
     add_ratios(results)
-    assert [r.vs_fla_gated_delta for r in results] == [1.0, 2.5, None]
+    assert [r.vs_fla for r in results] == [1.0, 1.0, 1.5, 2.5, 1.5, None, None]
+    assert [r.peak_vs_fla for r in results] == [1.0, 1.0, 0.8, None, 1.5, None, None]
+
+
+def test_resume_keeps_finished_cases_and_runs_the_rest(tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert invoke(*TINY, "--rule", "linear", "--impl", "chunk", "--out", str(first)).exit_code == 0
+    earlier = json.loads(first.read_text())["results"][0]
+    result = invoke(*TINY, "--rule", "linear", "--rule", "delta", "--impl", "chunk", "--resume", str(first),
+                    "--out", str(second))
+    assert result.exit_code == 0, result.output
+    report = json.loads(second.read_text())
+    linear, delta = report["results"]
+    assert linear == earlier and delta["rule"] == "delta" and delta["status"] == "ok"
+    assert "resumed from" in report["notes"][0]
+    # made with other options: refused with one line, nothing written
+    third = tmp_path / "third.json"
+    result = invoke(*TINY, "--rule", "linear", "--impl", "chunk", "--chunk-size", "32", "--resume", str(first),
+                    "--out", str(third))
+    assert result.exit_code == 2 and "--resume" in result.output and "chunk_size" in result.output
+    assert not third.exists()
 
 
 def test_parse_shape():

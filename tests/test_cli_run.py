@@ -45,11 +45,11 @@ def test_run_writes_results_config_metrics_tensorboard_and_checkpoint(tmp_path, 
     assert config["seq_len"] == 16 and config["d_model"] == 16
 
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6]
     assert list(folder.glob("events.out.tfevents.*"))
     assert (folder / "checkpoint.pt").is_file()
     tags = tensorboard_tags(folder)
-    assert {"train/loss", "eval/loss", "eval/accuracy", "train/lr", "train/grad_norm", "train/tokens_per_second",
+    assert {"train/loss", "valid/loss", "valid/accuracy", "train/lr", "train/grad_norm", "train/tokens_per_second",
             "layer0/state_norm", "layer0/alpha", "layer0/beta", "layer0/mu", "layer0/eta"} <= tags
 
 
@@ -67,7 +67,9 @@ def test_config_file_is_reusable_and_flags_override_it(tmp_path, monkeypatch):
     result = invoke("run", "--config", str(first / "config.toml"), "--lr", "0.005", "--steps", "3")
     assert result.exit_code == 0, result.stderr
     second = run_folder(result)
-    assert second.name == "first-1"   # the saved config names the first folder; it is not overwritten
+    # The saved config says what to train, not where: the repeat gets a new folder of its own.
+    assert second.parent == Path("runs") and second.name.startswith("delta-mqar-")
+    assert not Path("first-1").exists()
     config = load_config(second / "config.toml")
     assert config["rule"] == "delta" and config["lr"] == 0.005 and config["steps"] == 3
     assert json.loads((first / "results.json").read_text())["steps"] == 6

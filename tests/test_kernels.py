@@ -31,15 +31,17 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: nan_filled(empty_like(*args, **kwargs)))
 
 
-def make_inputs(rule, B, T, H, K, V, dtype, gate_dtype=None, seed=0, slow_state_fast_momentum=False):
-    """Unit-norm keys (as the layer feeds them) and gates in their usual ranges; optional mu << alpha regime."""
+def make_inputs(rule, B, T, H, K, V, dtype, gate_dtype=None, seed=0, slow_state_fast_momentum=False,
+                beta_near_two=False):
+    """Unit-norm keys (as the layer feeds them) and gates in their usual ranges; optional regimes: mu << alpha,
+    and beta in (1.9, 2) (negative eigenvalues: the delta update I - beta k k^T reflects along k)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=g)
     q = torch.randn(B, T, H, K, generator=g)
     k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
     v = torch.randn(B, T, H, V, generator=g)
     ranges = {"log_alpha": -rand(B, T, H) * (0.05 if slow_state_fast_momentum else 0.5),
-              "beta": rand(B, T, H),
+              "beta": 2 - 0.1 * rand(B, T, H) if beta_near_two else rand(B, T, H),
               "log_mu": -(1 + rand(B, T, H)) if slow_state_fast_momentum else -rand(B, T, H),
               "eta": 2 * rand(B, T, H)}
     gates = {name: ranges[name].to(gate_dtype or dtype) for name in rule.gates}
@@ -126,6 +128,15 @@ def test_kernels_momentum_much_faster_than_state_decay(rule_name):
     """mu << alpha inside a chunk of 64: where the prefix-sum form of the paper cancels to garbage."""
     check_against_naive(rule_name, B=2, T=130, H=2, K=20, V=12, dtype=torch.float32, chunk_size=64,
                         slow_state_fast_momentum=True)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("rule_name", ["delta", "gated_delta", "momentum_delta"])
+def test_kernels_beta_near_two(rule_name):
+    """beta in (1.9, 2), the negative-eigenvalue range of the delta rules: nothing in the kernels assumes
+    beta <= 1 (no log(1 - beta)); the triangular solve then has entries near 2 below its unit diagonal."""
+    check_against_naive(rule_name, B=2, T=130, H=2, K=20, V=12, dtype=torch.float32, chunk_size=64,
+                        beta_near_two=True)
 
 
 @pytest.mark.usefixtures("poisoned_empty")

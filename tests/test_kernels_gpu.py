@@ -32,14 +32,23 @@ def tolerance(name: str, dtype: torch.dtype) -> float:
     return GATE_GRAD_TOLERANCE
 
 
+# delta with beta near 2 and no decay: the state is a product of near-reflections and forgets nothing, so
+# rounding anywhere in the sequence stays in it. Measured in float64 (T = 1000, D = 128): relative noise of
+# bf16 size on k moves o by 4.9e-3 there, against 1.5e-3 with beta in (0, 1) and 1.2e-3 for gated_delta
+# with beta near 2. Half-precision bounds for that case are scaled by the same factor (float32 keeps 1e-4).
+ILL_CONDITIONED = {("delta", "beta_near_two"): 4.0}
+
+
 def check_on_gpu(rule_name, T, D, dtype, chunk_size, **regime):
     errors = kernel_errors(rule_name, B=2, T=T, H=4, K=D, V=D, dtype=dtype, chunk_size=chunk_size,
                            gate_dtype=torch.float32, device="cuda", reference="chunk", **regime)
-    tag = "mu<<alpha" if regime else "-"
+    factor = 1.0 if dtype == torch.float32 else ILL_CONDITIONED.get((rule_name, next(iter(regime), None)), 1.0)
+    tag = {"slow_state_fast_momentum": "mu<<alpha", "beta_near_two": "beta~2"}.get(next(iter(regime), None), "-")
     print(f"\nKERNEL-ERRORS {rule_name} T={T} D={D} {str(dtype)[6:]} C={chunk_size} {tag} "
           + " ".join(f"{name}={error:.1e}" for name, error in errors.items()))
     for name, error in errors.items():
-        assert error <= tolerance(name, dtype), f"{rule_name} T={T} D={D} {dtype} C={chunk_size}: {name} {error:.2e}"
+        assert error <= factor * tolerance(name, dtype), \
+            f"{rule_name} T={T} D={D} {dtype} C={chunk_size}: {name} {error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -78,6 +87,14 @@ def test_gpu_kernels_largest_heads(rule_name):
 @pytest.mark.parametrize("rule_name", MOMENTUM_RULES)
 def test_gpu_kernels_momentum_much_faster_than_state_decay(rule_name, dtype):
     check_on_gpu(rule_name, T=1000, D=128, dtype=dtype, chunk_size=64, slow_state_fast_momentum=True)
+
+
+@pytest.mark.parametrize("dtype, T, D, chunk_size", [(torch.bfloat16, 1000, 128, 64), (torch.float16, 1000, 100, 16),
+                                                     (torch.float32, 300, 64, 64)], ids=["bf16", "fp16-C16", "fp32"])
+@pytest.mark.parametrize("rule_name", ["delta", "gated_delta", "momentum_delta"])
+def test_gpu_kernels_beta_near_two(rule_name, dtype, T, D, chunk_size):
+    """beta in (1.9, 2): the negative-eigenvalue range of the delta rules."""
+    check_on_gpu(rule_name, T=T, D=D, dtype=dtype, chunk_size=chunk_size, beta_near_two=True)
 
 
 @pytest.mark.parametrize("rule_name", RULES)

@@ -1,14 +1,16 @@
 """Training: the loss falls for every mixer, exact resume, the NaN stop, run folders, schedule and config."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import sandbox.train as train_module
-from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config, save_config
+from sandbox.config import RunConfig, config_to_toml, load_config, resolve_config
 from sandbox.rules import list_rules
-from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, new_run_folder, resume, train
+from sandbox.runfolder import RunFolder, save_config_file
+from sandbox.train import NonFiniteLoss, RunInterrupted, lr_factor, resume, train
 
 TINY_TASK = {"vocab_size": 16, "seq_len": 16, "num_kv_pairs": 2}
 
@@ -97,10 +99,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_existing_folder_gets_a_suffix(tmp_path):
     config = RunConfig()
-    first = new_run_folder(str(tmp_path / "run"), config)
+    folders = [RunFolder.create(str(tmp_path / "run"), config) for _ in range(3)]
+    for folder in folders:
+        folder.close()
+    first, second, third = (folder.path for folder in folders)
     (first / "keep.txt").write_text("earlier run")
-    second = new_run_folder(str(tmp_path / "run"), config)
-    third = new_run_folder(str(tmp_path / "run"), config)
     assert (first.name, second.name, third.name) == ("run", "run-1", "run-2")
     assert (first / "keep.txt").read_text() == "earlier run"
 
@@ -118,8 +121,9 @@ def test_config_round_trip_and_layering(tmp_path):
     config = resolve_config({"rule": "delta", "task_args": {"num_kv_pairs": 2, "vocab_size": 32},
                              "lr": 0.002, "short_conv": False, "out": "somewhere"})
     path = tmp_path / "config.toml"
-    save_config(config, path)
-    assert resolve_config(load_config(path)) == config
+    save_config_file(config, path)
+    assert "somewhere" not in path.read_text()   # a saved config says what to train, not where
+    assert resolve_config(load_config(path)) == dataclasses.replace(config, out=None)
     # flags override the file; task_args merge key by key
     layered = resolve_config(load_config(path), {"lr": 0.01, "task_args": {"num_kv_pairs": 3}})
     assert layered.lr == 0.01 and layered.rule == "delta"
@@ -167,3 +171,62 @@ def test_gpu_run_in_bf16_with_the_automatic_implementation(tmp_path, rule):
     assert results["impl"] == ("sdpa" if rule == "attention" else "triton")   # the kernels pass their self-test
     resumed, _ = resume(folder, {"steps": 32}, progress=False)
     assert len(train_losses(resumed)) == 32
+
+
+def compile_for_test(monkeypatch, backend: str = "aot_eager") -> None:
+    """Compile through dynamo and AOT autograd without generating C++ (fast on a CPU), and in one piece: a
+    graph break anywhere in the forward and loss fails the capture."""
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: original(fn, backend=backend, fullgraph=True))
+
+
+@pytest.mark.parametrize("rule, impl", [("momentum_delta", "triton"), ("attention", "auto")])
+def test_compiled_step_matches_eager(tmp_path, monkeypatch, rule, impl):
+    eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), rule=rule, impl=impl, steps=4,
+                                 compile=False), progress=False)
+    compile_for_test(monkeypatch)
+    compiled, results = train(tiny_config(tmp_path, out=str(tmp_path / "compiled"), rule=rule, impl=impl, steps=4,
+                                          inductor=True),
+                              progress=False)
+    assert results["compiled"]
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
+
+
+def test_failed_capture_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, capsys):
+    eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), steps=4, compile=False), progress=False)
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", lambda fn: broken)
+    folder, results = train(tiny_config(tmp_path, out=str(tmp_path / "fallback"), steps=4, inductor=True),
+                            progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: capturing the training step failed (RuntimeError: no compiler here); "
+                     "training without --compile"]
+    assert not results["compiled"] and train_losses(folder) == train_losses(eager)
+
+
+def test_results_hold_valid_and_test_metrics(tmp_path):
+    folder, results = train(tiny_config(tmp_path, steps=2, eval_every=1), progress=False)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [1, 2]
+    assert results["final_metric"] == valid[-1]["accuracy"] and results["final_loss"] == valid[-1]["loss"]
+    assert 0 <= results["test_metric"] <= 1 and results["test_loss"] > 0
+    assert results["test_loss"] != results["final_loss"]   # another stream of examples
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["momentum_delta", "attention"])
+def test_gpu_captured_step_matches_eager(tmp_path, rule):
+    losses = {}
+    for compile, inductor in ((False, False), (True, False), (True, True)):
+        folder, results = train(tiny_config(tmp_path, out=str(tmp_path / f"run-{compile}-{inductor}"), rule=rule,
+                                            device="cuda", impl="auto", chunk_size=16, steps=12, compile=compile,
+                                            inductor=inductor), progress=False)
+        assert results["cuda_graph"] == compile and results["compiled"] == inductor
+        losses[compile, inductor] = train_losses(folder)
+    # bf16 autocast: fused and unfused kernels round differently; the losses must still track each other.
+    assert losses[True, False] == pytest.approx(losses[False, False], rel=2e-2)
+    assert losses[True, True] == pytest.approx(losses[False, False], rel=2e-2)

@@ -1,11 +1,14 @@
 """Triton chunk kernels (forward and backward) for every rule, behind ``rule.triton(...)``.
 
 ``triton_forward`` runs the kernels of ``chunk.py`` through one ``torch.autograd.Function``; its backward is
-the hand-derived chunkwise backward (``chunk.py``), never autograd through a reference. PyTorch glue here is
-only O(B T H) work on the gates (casts, padding, chunk-local cumsums and their reverse) and buffer set-up.
+the hand-derived chunkwise backward (``chunk.py``), never autograd through a reference. The gate glue (casts,
+padding, chunk-local cumsums and their reverse) is one kernel each way (``gates.py``); what is left here is
+buffer set-up: about five launches forward and five backward.
 
 Layout ``[B, T, H, D]``; gates are handled as float32 ``[B * H, N * C]`` (padded to whole chunks with
-log-gates 0 and beta = eta = 0, which leaves the states unchanged); states float32 ``[B, H, K, V]``.
+log-gates 0 and beta = eta = 0, which leaves the states unchanged); initial and final states float32
+``[B, H, K, V]``; between the kernels U and the per-chunk states in bfloat16 for bfloat16 inputs with head
+sizes up to 128, float32 otherwise.
 On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), slowly but exactly in float32.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 
@@ -23,32 +25,37 @@ from sandbox.rules.base import Inputs, Rule, State
 
 from .chunk import (backward_chunk_kernel, backward_intra_kernel, backward_scan_kernel, forward_output_kernel,
                     forward_scan_kernel, prepare_kernel)
+from .gates import gates_backward_kernel, gates_forward_kernel
 
 GATES = ("log_alpha", "beta", "log_mu", "eta")
 
 
-def _chunk_gate(x: Tensor | None, chunks: int, C: int, log_cumsum: bool) -> Tensor | None:
-    """``[B, T, H]`` -> float32 ``[B * H, N * C]``, zero-padded, chunk-local cumsum for log gates."""
-    if x is None:
-        return None
-    B, T, H = x.shape
-    x = F.pad(x.float().transpose(1, 2), (0, chunks * C - T))
-    if log_cumsum:
-        x = x.reshape(B, H, chunks, C).cumsum(-1)
-    return x.reshape(B * H, chunks * C).contiguous()
+def _chunk_gates(gates: list[Tensor | None], chunks: int, C: int, switches: dict) -> list[Tensor | None]:
+    """The gates ``[B, T, H]`` -> float32 ``[B * H, N * C]``, zero-padded, log gates as chunk-local cumsums
+    (``gates.py``), in one launch."""
+    present = [g for g in gates if g is not None]
+    if not present:
+        return [None] * len(gates)
+    B, T, H = present[0].shape
+    gates = [None if g is None else g.contiguous() for g in gates]
+    out = [None if g is None else torch.empty(B * H, chunks * C, device=g.device, dtype=torch.float32)
+           for g in gates]
+    gates_forward_kernel[(chunks, B * H)](*gates, *out, T, H, chunks, C=C, **switches)
+    return out
 
 
-def _gate_grad(grad: Tensor, like: Tensor, C: int, log_cumsum: bool) -> Tensor:
-    """Kernel gate gradients ``[B * H, N * C]`` -> ``[B, T, H]`` in the gate's dtype.
-
-    For log gates the kernel returns gradients of the chunk-local cumsums; a reverse cumsum inside each
-    chunk (padded positions included: they carry the real tokens' sums) turns them into gradients of the gate.
-    """
-    B, T, H = like.shape
-    grad = grad.reshape(B, H, -1, C)
-    if log_cumsum:
-        grad = grad.flip(-1).cumsum(-1).flip(-1)
-    return grad.reshape(B, H, -1)[..., :T].transpose(1, 2).to(like.dtype)
+def _gate_grads(d_gates: list[Tensor | None], gates: list[Tensor | None], C: int, switches: dict
+                ) -> list[Tensor | None]:
+    """The kernels' gate-gradient shares ``[K tiles, B * H, N * C]`` -> ``[B, T, H]`` in each gate's dtype,
+    in one launch (``gates.py``)."""
+    present = [g for g in gates if g is not None]
+    if not present:
+        return [None] * len(gates)
+    B, T, H = present[0].shape
+    k_tiles, _, length = next(d for d in d_gates if d is not None).shape
+    grads = [None if g is None else torch.empty(B, T, H, device=g.device, dtype=g.dtype) for g in gates]
+    gates_backward_kernel[(length // C, B * H)](*d_gates, *grads, T, H, length // C, k_tiles, C=C, **switches)
+    return grads
 
 
 def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
@@ -87,9 +94,43 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
     # (Not on 16-wide tiles: with 8 warps there the momentum backward faulted on the H100, K = 16 in float32.)
     if (switches["DECAY"] or switches["DELTA"]) and BK >= 32:
         backward_chunk.update(num_warps=8, num_stages=1)
+    forward_output = {"BK": BK, "BV": BV_out, **plain}
+    if q.dtype == torch.bfloat16 and 64 <= BK <= 128:
+        # bf16 operands (half the registers and shared memory of float32 ones) moved the best options; the
+        # fastest per rule and kernel of an H100 sweep at K = V = 128 (BENCHMARKS.md, kernel versions, v4).
+        wide = min(V_pow2, 64)
+        forward_output.update(BV=min(V_pow2, 128))
+        if not switches["DELTA"] and not switches["MOMENTUM"]:            # linear, decay
+            backward_chunk.update(BV=wide)
+            forward_scan.update(BV=wide, num_warps=8)
+            if switches["DECAY"]:
+                backward_scan.update(BV=wide, num_warps=8)
+            else:
+                backward_scan.update(num_stages=2)
+        elif not switches["MOMENTUM"]:                                    # delta, gated_delta
+            backward_chunk.update(num_stages=2)
+        elif switches["DELTA"]:                                           # momentum_delta
+            backward_chunk.update(BV=wide)
+            backward_scan.update(num_stages=2)
+        else:                                                             # decay_momentum
+            backward_chunk.update(num_stages=2)
+            forward_scan.update(num_stages=2)
+            backward_scan.update(num_stages=2)
     return {"PREC": prec, "prepare": {"BK": BK, **plain}, "forward_scan": forward_scan,
-            "forward_output": {"BK": BK, "BV": BV_out, **plain}, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
+            "forward_output": forward_output, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
             "backward_scan": backward_scan, "backward_chunk": backward_chunk}
+
+
+def _between_kernels_dtype(q: Tensor, K: int, V: int) -> torch.dtype:
+    """Storage of U and of the per-chunk states and their gradients between kernels.
+
+    bfloat16 for bfloat16 inputs with head sizes up to 128 (half the memory and traffic; the rounding, 2^-9
+    relative, is that of the inputs themselves, and the products read them as bf16 tensor-core operands);
+    float32 otherwise: float16's range is too narrow for states and their gradients, float32 inputs get
+    float32 accuracy, and at head size 256 (256-row K tiles, 16-wide V tiles) the bf16 operands faulted and
+    gave wrong outputs on the H100 (Triton 3.6), where the float32 ones pass.
+    """
+    return torch.bfloat16 if q.dtype == torch.bfloat16 and max(K, V) <= 128 else torch.float32
 
 
 class ChunkRuleFunction(torch.autograd.Function):
@@ -103,13 +144,11 @@ class ChunkRuleFunction(torch.autograd.Function):
         V = v.shape[-1]
         N = triton.cdiv(T, C)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        gA = _chunk_gate(log_alpha, N, C, log_cumsum=True)
-        b = _chunk_gate(beta, N, C, log_cumsum=False)
-        gM = _chunk_gate(log_mu, N, C, log_cumsum=True)
-        e = _chunk_gate(eta, N, C, log_cumsum=False)
         switches = {"DECAY": log_alpha is not None, "BETA": beta is not None, "MOMENTUM": rule.momentum}
+        gA, b, gM, e = _chunk_gates([log_alpha, beta, log_mu, eta], N, C, switches)
         cfg = _launch_config(q, K, V, {**switches, "DELTA": rule.delta})
         f32 = {"device": q.device, "dtype": torch.float32}
+        kept = {"device": q.device, "dtype": _between_kernels_dtype(q, K, V)}
         S_init = None if S_init is None else S_init.float().contiguous()
         M_init = None if M_init is None else M_init.float().contiguous()
         save = any(ctx.needs_input_grad)
@@ -118,9 +157,9 @@ class ChunkRuleFunction(torch.autograd.Function):
         if rule.delta:
             tm = torch.empty(B * H, N, C, C, **f32)
             prepare_kernel[(N, B * H)](k, gA, b, gM, e, tm, T, H, K, N, C=C, **switches, **cfg["prepare"])
-        u = torch.empty(B, T, H, V, **f32) if rule.delta else v
-        s_chunks = torch.empty(B * H, N, K, V, **f32)
-        m_chunks = torch.empty(B * H, N, K, V, **f32) if rule.momentum else None
+        u = torch.empty(B, T, H, V, **kept) if rule.delta else v
+        s_chunks = torch.empty(B * H, N, K, V, **kept)
+        m_chunks = torch.empty(B * H, N, K, V, **kept) if rule.momentum else None
         S_out = torch.empty(B, H, K, V, **f32)
         M_out = torch.empty(B, H, K, V, **f32) if rule.momentum else None
         grid = (triton.cdiv(V, cfg["forward_scan"]["BV"]), B * H)
@@ -149,6 +188,7 @@ class ChunkRuleFunction(torch.autograd.Function):
         V = v.shape[-1]
         N = triton.cdiv(T, C)
         f32 = {"device": q.device, "dtype": torch.float32}
+        kept = {"device": q.device, "dtype": _between_kernels_dtype(q, K, V)}
         if do is None:
             do = torch.zeros_like(v)
         do = do.contiguous()
@@ -159,8 +199,8 @@ class ChunkRuleFunction(torch.autograd.Function):
                 dM_final = torch.zeros(B, H, K, V, **f32) if dM_final is None else dM_final.float().contiguous()
 
         dr = torch.empty(B, T, H, V, **f32)
-        ds_chunks = torch.empty(B * H, N, K, V, **f32)
-        dm_chunks = torch.empty(B * H, N, K, V, **f32) if rule.momentum else None
+        ds_chunks = torch.empty(B * H, N, K, V, **kept)
+        dm_chunks = torch.empty(B * H, N, K, V, **kept) if rule.momentum else None
         dS_init = torch.empty(B, H, K, V, **f32)
         dM_init = torch.empty(B, H, K, V, **f32) if rule.momentum else None
         dw = torch.empty(B * H, N, C, C, **f32)
@@ -171,27 +211,21 @@ class ChunkRuleFunction(torch.autograd.Function):
                                    dS_init, dM_init, scale, T, H, K, V, N, C=C, DELTA=rule.delta,
                                    HAS_DFINAL=has_dfinal, PREC=cfg["PREC"], **switches, **cfg["backward_scan"])
 
-        dq = torch.empty(B, T, H, K, **f32)
-        dk = torch.empty(B, T, H, K, **f32)
+        # dq, dk, dv straight in the inputs' dtypes (dR stays float32: backward_chunk reads it).
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = dr if v.dtype == torch.float32 else torch.empty_like(v)
         k_tiles = triton.cdiv(K, cfg["backward_chunk"]["BK"])
-        d_gates = {name: (torch.empty(k_tiles, *g.shape, **f32) if g is not None else None)
-                   for name, g in zip(GATES, (gA, b, gM, e))}
+        d_gates = [torch.empty(k_tiles, *g.shape, **f32) if g is not None else None for g in (gA, b, gM, e)]
         backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, u, dr, dw, s_chunks, m_chunks,
-                                                   ds_chunks, dm_chunks, dq, dk, *d_gates.values(), scale,
-                                                   T, H, K, V, N, C=C, DELTA=rule.delta, PREC=cfg["PREC"],
+                                                   ds_chunks, dm_chunks, dq, dk, dv, *d_gates, scale,
+                                                   T, H, K, V, N, C=C, DELTA=rule.delta,
+                                                   STORE_DV=dv is not dr, PREC=cfg["PREC"],
                                                    **switches, **cfg["backward_chunk"])
-
-        grads = []
-        for name, gate in zip(GATES, (log_alpha, beta, log_mu, eta)):
-            if gate is None:
-                grads.append(None)
-                continue
-            grad = d_gates[name].sum(0)                 # the K tiles' shares
-            grads.append(_gate_grad(grad, gate, C, log_cumsum=name.startswith("log")))
+        grads = _gate_grads(d_gates, [log_alpha, beta, log_mu, eta], C, switches)
         dS_init_out = None if S_init is None else dS_init
         dM_init_out = None if M_init is None else dM_init
-        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dr.to(v.dtype), *grads,
-                dS_init_out, dM_init_out)
+        return (None, None, None, dq, dk, dv, *grads, dS_init_out, dM_init_out)
 
 
 def triton_forward(rule: Rule, inputs: Inputs, scale: float | None, output_final_state: bool,

@@ -27,10 +27,11 @@ chunk and V tile, in parallel: O from the start states, U and the chunk's own ``
 ``backward_scan`` (walks the chunks backwards carrying dS, dM; adds the state terms to dU, writes dV and the
 per-chunk end-state gradients) and ``backward_chunk`` (per chunk and K tile: dq, dk and the gate gradients).
 Only the hand-over of the states is sequential: nothing of O(C^2 K) or O(C^3) work per chunk runs in the
-scans. Per-chunk start states, their gradients, U and Tm are kept in float32 between the kernels. The
-backward never transposes a ``tl.dot`` result before feeding it to another ``tl.dot`` (Triton 3.4-3.7.0
-miscompiles that on Hopper): every transposed product is computed from loaded operands or from matrices built
-transposed.
+scans. Between the kernels Tm, dR and dW are float32; U, the per-chunk start states and their gradients are
+bfloat16 for bfloat16 inputs with head sizes up to 128 (read back as bf16 tensor-core operands, gates applied
+after the product) and float32 otherwise. The backward never transposes a ``tl.dot`` result before feeding it to another
+``tl.dot`` (Triton 3.4-3.7.0 miscompiles that on Hopper): every transposed product is computed from loaded
+operands or from matrices built transposed.
 """
 
 import triton
@@ -62,6 +63,16 @@ def _last(x):
     """The last entry of a vector (the chunk's end), as a scalar."""
     C: tl.constexpr = x.shape[0]
     return tl.sum(tl.where(tl.arange(0, C) == C - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """``a @ b`` with float32 sums: two half operands of one dtype go to the tensor cores as they are (exact
+    products), anything else in float32 with the precision PREC."""
+    if a.dtype == b.dtype:
+        if a.dtype != tl.float32:
+            return tl.dot(a, b)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
 @triton.jit
@@ -141,29 +152,47 @@ def _chunk_end(gA, b, gM, MOMENTUM: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(Amat):
-    """``(I + Amat)^-1`` for a strictly lower ``Amat``, by forward substitution in exact float32 products.
-
-    First the 16 x 16 diagonal blocks, all at once, one row of each per step (row i of a block is
-    e_i - sum_{j<i} Amat[i, j] X[j, :], with its rows j < i already final); then block forward substitution
-    across the blocks, X_b = Td_bb (E_b - L_b X), where L is the part of Amat below the diagonal blocks.
-    Every step is a ``tl.dot`` with masked operands (tf32x3: float32 accuracy on tensor cores), so the
-    serial chain has no cross-thread reductions.
-    """
+def _merge_blocks(Amat, Td, S: tl.constexpr, N_SUB: tl.constexpr):
+    """From the inverses of the S x S diagonal blocks of ``I + Amat`` (block-diagonal ``Td``) to those of its
+    (N_SUB S) x (N_SUB S) diagonal blocks, by block forward substitution, all blocks at once:
+    X_j = Td_jj (E_j - L_j X) for sub-blocks j = 1 .. N_SUB - 1, where L is the part of Amat inside the big
+    blocks and below the small ones, and the rows of X for sub-blocks < j are already final."""
     C: tl.constexpr = Amat.shape[0]
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
     eye = tl.where(r == c, 1.0, 0.0)
-    same_block = (r // 16) == (c // 16)
-    diagonal_blocks = tl.where(same_block, Amat, 0.0)
-    Td = eye
-    for i in range(1, 16):
-        Td -= tl.dot(tl.where(r % 16 == i, diagonal_blocks, 0.0), Td, input_precision="tf32x3")
-    below_blocks = tl.where(same_block, 0.0, Amat)
-    X = tl.where(r // 16 == 0, Td, 0.0)
-    for block in range(1, C // 16):
-        rhs = tl.where(r // 16 == block, eye - tl.dot(below_blocks, X, input_precision="tf32x3"), 0.0)
+    below = tl.where(((r // (N_SUB * S)) == (c // (N_SUB * S))) & ((r // S) != (c // S)), Amat, 0.0)
+    X = tl.where((r // S) % N_SUB == 0, Td, 0.0)
+    for j in range(1, N_SUB):
+        rhs = tl.where((r // S) % N_SUB == j, eye - tl.dot(below, X, input_precision="tf32x3"), 0.0)
         X += tl.dot(Td, rhs, input_precision="tf32x3")
+    return X
+
+
+@triton.jit
+def _unit_lower_inverse(Amat):
+    """``(I + Amat)^-1`` for a strictly lower ``Amat``, by forward substitution in exact float32 products.
+
+    First the 4 x 4 diagonal blocks, all at once, one row of each per step (row i of a block is
+    e_i - sum_{j<i} Amat[i, j] X[j, :], with its rows j < i already final); then block forward substitution
+    merges them into 16 x 16 blocks and those into the whole chunk (``_merge_blocks``): 15 dependent products
+    for C = 64, where row-by-row substitution on 16 x 16 blocks took 21. Every step is a ``tl.dot`` with
+    masked operands (tf32x3: float32 accuracy on tensor cores), so the serial chain has no cross-thread
+    reductions. (Power-series forms such as (I - A)(I + A^2)(I + A^4)... need fewer steps but lose accuracy
+    when keys repeat: 4.5e-3 in float32 for a repeated key at beta near 2.)
+    """
+    C: tl.constexpr = Amat.shape[0]
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    diagonal_blocks = tl.where((r // 4) == (c // 4), Amat, 0.0)
+    X = tl.where(r == c, 1.0, 0.0)
+    for i in range(1, 4):
+        X -= tl.dot(tl.where(r % 4 == i, diagonal_blocks, 0.0), X, input_precision="tf32x3")
+    X = _merge_blocks(Amat, X, 4, 4)
+    if C == 32:
+        X = _merge_blocks(Amat, X, 16, 2)
+    if C == 64:
+        X = _merge_blocks(Amat, X, 16, 4)
     return X
 
 
@@ -225,9 +254,10 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
 
     for i_n in range(N):
         chunk = tl.cast(i_bh, tl.int64) * N + i_n
-        tl.store(s_chunks_ptr + chunk * K * V + state_offset, S, mask=state_mask)
+        tl.store(s_chunks_ptr + chunk * K * V + state_offset, S.to(s_chunks_ptr.dtype.element_ty), mask=state_mask)
         if MOMENTUM:
-            tl.store(m_chunks_ptr + chunk * K * V + state_offset, M, mask=state_mask)
+            tl.store(m_chunks_ptr + chunk * K * V + state_offset, M.to(m_chunks_ptr.dtype.element_ty),
+                     mask=state_mask)
         t = i_n * C + tl.arange(0, C)
         rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
         row_ok = t[:, None] < T
@@ -246,7 +276,7 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
                 bMs, bM = _momentum_carry(_lower(gA, True), b, gM)
                 R += tl.dot(bMs[:, None] * k, M, input_precision=PREC)
             U = tl.dot(Tm, R, input_precision=PREC)
-            tl.store(u_ptr + rows[:, None] * V + dv[None, :], U, mask=v_mask)
+            tl.store(u_ptr + rows[:, None] * V + dv[None, :], U.to(u_ptr.dtype.element_ty), mask=v_mask)
         else:
             U = v
 
@@ -292,12 +322,12 @@ def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, s_c
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
     W = Gamma * e[None, :] * tl.dot(q, tl.trans(k), input_precision=PREC)
-    q = q.to(tl.float32)
     S0 = tl.load(s_chunks_ptr + state_offset, mask=state_mask, other=0.0)
-    o = tl.dot(tl.exp(gA)[:, None] * q, S0, input_precision=PREC) + tl.dot(W, U, input_precision=PREC)
+    # diag(A) Q S0 as diag(A) (Q S0): Q and S0 as stored (bf16 products for bf16 inputs), the gate after
+    o = tl.exp(gA)[:, None] * _dot(q, S0, PREC) + tl.dot(W, U, input_precision=PREC)
     if MOMENTUM:
         M0 = tl.load(m_chunks_ptr + state_offset, mask=state_mask, other=0.0)
-        o -= tl.dot(bM[:, None] * q, M0, input_precision=PREC)
+        o -= bM[:, None] * _dot(q, M0, PREC)
     tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=v_mask)
 
 
@@ -332,10 +362,11 @@ def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     for i_v in range(tl.cdiv(V, BV)):
         dv = i_v * BV + tl.arange(0, BV)
         v_mask = row_ok & (dv[None, :] < V)
-        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
-        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], tl.dot(WT, do, input_precision=PREC), mask=v_mask)
-        dW += tl.dot(do, tl.trans(U), input_precision=PREC)
+        do = tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        tl.store(dr_ptr + rows[:, None] * V + dv[None, :], scale * tl.dot(WT, do.to(tl.float32), input_precision=PREC),
+                 mask=v_mask)
+        dW += scale * _dot(do, tl.trans(U), PREC)
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
     tl.store(dw_ptr + chunk * C * C + r * C + c, dW)
@@ -375,9 +406,11 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
     for i_back in range(N):
         i_n = N - 1 - i_back
         chunk = tl.cast(i_bh, tl.int64) * N + i_n
-        tl.store(ds_chunks_ptr + chunk * K * V + state_offset, dS, mask=state_mask)
+        tl.store(ds_chunks_ptr + chunk * K * V + state_offset, dS.to(ds_chunks_ptr.dtype.element_ty),
+                 mask=state_mask)
         if MOMENTUM:
-            tl.store(dm_chunks_ptr + chunk * K * V + state_offset, dM, mask=state_mask)
+            tl.store(dm_chunks_ptr + chunk * K * V + state_offset, dM.to(dm_chunks_ptr.dtype.element_ty),
+                     mask=state_mask)
         t = i_n * C + tl.arange(0, C)
         rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
         row_ok = t[:, None] < T
@@ -421,12 +454,14 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
 @triton.jit
 def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr, dw_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
-                          dq_ptr, dk_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
+                          dq_ptr, dk_ptr, dv_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
                           scale, T, H, K, V, N,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
-                          PREC: tl.constexpr):
+                          STORE_DV: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, batch-head, K tile): dq, dk and this K tile's share of the gate gradients.
+
+    With STORE_DV the first K tile also copies dV (the dR buffer, float32) out in v's dtype.
 
     Loops over V tiles accumulating the products that reduce over V (dW, the same for every K tile, comes
     from ``backward_intra``), then chains the C x C gradients (dW, dAmat, dGamma, dGs) down to the decay
@@ -474,21 +509,27 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         dv = i_v * BV + tl.arange(0, BV)
         v_mask = row_ok & (dv[None, :] < V)
         state_mask = (dk[:, None] < K) & (dv[None, :] < V)
-        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        if STORE_DV:
+            if i_k == 0:
+                dv_rows = rows[:, None] * V + dv[None, :]
+                tl.store(dv_ptr + dv_rows, tl.load(dr_ptr + dv_rows, mask=v_mask).to(dv_ptr.dtype.element_ty),
+                         mask=v_mask)
+        # do, U, the states and their gradients as stored: bf16 products for bf16 inputs, scale applied after
+        do = tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
         if DELTA:
             U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
         else:
-            U = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            U = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
         S0 = tl.load(s_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
         dSC = tl.load(ds_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
 
         # Each product reducing over V serves twice: accumulated into dq or dk, and, multiplied by q or k
         # and summed over this K tile, as a gate-gradient row sum (sum_v do (Q S0) = sum_k Q (do S0^T)).
-        dOS = tl.dot(do, tl.trans(S0), input_precision=PREC)
+        dOS = scale * _dot(do, tl.trans(S0), PREC)
         dA += tl.sum(q * dOS, axis=1)
         acc_q += A[:, None] * dOS
-        dA_C += tl.sum(dSC * S0)
-        UdS = tl.dot(U, tl.trans(dSC), input_precision=PREC)
+        dA_C += tl.sum(dSC.to(tl.float32) * S0.to(tl.float32))
+        UdS = _dot(U, tl.trans(dSC), PREC)
         r1 = tl.sum(k * UdS, axis=1)
         dgamma_C += e * r1
         de += gamma_C * r1
@@ -496,27 +537,27 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         if MOMENTUM:
             M0 = tl.load(m_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
             dMC = tl.load(dm_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
-            dOM = tl.dot(do, tl.trans(M0), input_precision=PREC)
+            dOM = scale * _dot(do, tl.trans(M0), PREC)
             dbM -= tl.sum(q * dOM, axis=1)
             acc_q -= bM[:, None] * dOM
-            dbM_C -= tl.sum(dSC * M0)
-            dMu_C += tl.sum(dMC * M0)
-            UdM = tl.dot(U, tl.trans(dMC), input_precision=PREC)
+            dbM_C -= tl.sum(dSC.to(tl.float32) * M0.to(tl.float32))
+            dMu_C += tl.sum(dMC.to(tl.float32) * M0.to(tl.float32))
+            UdM = _dot(U, tl.trans(dMC), PREC)
             r2 = tl.sum(k * UdM, axis=1)
             dlm_C -= e * r2
             de -= lm_C * r2
             acc_k -= (e * lm_C)[:, None] * UdM
         if DELTA:
             dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-            dRS = tl.dot(dR, tl.trans(S0), input_precision=PREC)
+            dRS = _dot(dR, tl.trans(S0), PREC)
             dA -= tl.sum(k * dRS, axis=1)
             acc_k -= A[:, None] * dRS
             if MOMENTUM:
-                dRM = tl.dot(dR, tl.trans(M0), input_precision=PREC)
+                dRM = _dot(dR, tl.trans(M0), PREC)
                 dbMs += tl.sum(k * dRM, axis=1)
                 acc_k += bMs[:, None] * dRM
-            dAm -= tl.dot(dR, tl.trans(U), input_precision=PREC)
-            dAmT -= tl.dot(U, tl.trans(dR), input_precision=PREC)
+            dAm -= _dot(dR, tl.trans(U), PREC)
+            dAmT -= _dot(U, tl.trans(dR), PREC)
 
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
@@ -537,8 +578,8 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         dk_out += tl.dot(dAm * Gs, kk, input_precision=PREC)
         dKK += tl.dot(dAmT * GsT, k, input_precision=PREC)
     dk_out += e[:, None] * dKK
-    tl.store(dq_ptr + rows[:, None] * K + dk[None, :], dq, mask=qk_mask)
-    tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out, mask=qk_mask)
+    tl.store(dq_ptr + rows[:, None] * K + dk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)
+    tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out.to(dk_ptr.dtype.element_ty), mask=qk_mask)
 
     # Down to the gates. Gradients of the chunk-end quantities sit in the last row / entry.
     gate_t = (tl.cast(i_k, tl.int64) * tl.num_programs(1) * N + chunk) * C + tl.arange(0, C)

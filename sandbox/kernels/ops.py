@@ -51,7 +51,7 @@ def rule_forward(rule: str, scale: float, chunk_size: int, q: Tensor, k: Tensor,
     tensors = [q, k, v, log_alpha, beta, log_mu, eta, S_init, M_init]
     out = _run_forward(_Context(needs_input_grad=False), rule, scale, chunk_size, tensors)
     M = out[2] if len(out) == 3 else q.new_empty(0, dtype=torch.float32)
-    return out[0], out[1], M
+    return out[0].contiguous(), out[1], M
 
 
 @rule_forward.register_fake
@@ -60,7 +60,7 @@ def _(rule, scale, chunk_size, q, k, v, log_alpha, beta, log_mu, eta, S_init, M_
     V = v.shape[-1]
     S = q.new_empty(B, H, K, V, dtype=torch.float32)
     M = q.new_empty(B, H, K, V, dtype=torch.float32) if get_rule(rule).momentum else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(v), S, M
+    return v.new_empty(v.shape), S, M   # contiguous, as the kernels write them
 
 
 @torch.library.custom_op("sandbox::rule_backward", mutates_args=())
@@ -73,12 +73,12 @@ def rule_backward(rule: str, scale: float, chunk_size: int, q: Tensor, k: Tensor
     ctx = _Context(needs_input_grad=True)
     _run_forward(ctx, rule, scale, chunk_size, tensors)   # the intermediates the backward reads
     grads = ChunkRuleFunction.backward(ctx, do, dS, dM)[3:]
-    return [grad.to(x.dtype) for grad, x in zip(grads, tensors) if x is not None]
+    return [grad.to(x.dtype).contiguous() for grad, x in zip(grads, tensors) if x is not None]
 
 
 @rule_backward.register_fake
 def _(rule, scale, chunk_size, q, k, v, log_alpha, beta, log_mu, eta, S_init, M_init, do, dS, dM):
-    return [torch.empty_like(x) for x in (q, k, v, log_alpha, beta, log_mu, eta, S_init, M_init) if x is not None]
+    return [x.new_empty(x.shape) for x in (q, k, v, log_alpha, beta, log_mu, eta, S_init, M_init) if x is not None]
 
 
 def _setup_context(ctx, inputs, output) -> None:

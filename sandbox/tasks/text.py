@@ -55,9 +55,9 @@ class Text(Task):
 
     def __post_init__(self) -> None:
         text = read_text(self.data)
+        check(len(text) > 0, "data", f"expected a non-empty text, got an empty file {self.data!r}")
         # Code points as int32 (UTF-32), then unique(sorted) gives the vocabulary and the ids in one pass.
         code_points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-        check(code_points.numel() > 0, "data", f"expected a non-empty text, got an empty file {self.data!r}")
         vocabulary, ids = torch.unique(code_points, sorted=True, return_inverse=True)
         self.characters = "".join(map(chr, vocabulary.tolist()))
         self.vocab_size = len(self.characters)
