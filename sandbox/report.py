@@ -82,12 +82,17 @@ class Ablation:
         return names.pop() if len(names) == 1 else "metric"
 
     @property
+    def metrics(self) -> dict[str, bool]:
+        """Each metric of the finished runs and whether higher is better (from results.json: a task knows whether
+        its metric is an accuracy or a loss). Several when tasks differ, e.g. accuracy and bits per character."""
+        found = {row["metric_name"]: row["higher_is_better"] for row in self.rows
+                 if row["status"] == "ok" and row["metric_name"] != ""}
+        return found or {"metric": True}
+
+    @property
     def higher_is_better(self) -> bool:
-        """From the runs' results.json (a task knows whether its metric is an accuracy or a loss)."""
-        directions = {row["higher_is_better"] for row in self.rows if row["status"] == "ok"} - {""}
-        if len(directions) > 1:
-            raise ValueError("the runs' metrics disagree on whether higher is better; summarise them separately")
-        return directions.pop() if directions else True
+        """The direction of the one metric; with several, each configuration's own (Configuration.higher_is_better)."""
+        return next(iter(self.metrics.values())) if len(self.metrics) == 1 else True
 
     @property
     def reported(self) -> str:
@@ -183,6 +188,14 @@ class Configuration:
     def finished(self) -> int:
         return sum(row["status"] == "ok" for row in self.rows)
 
+    @property
+    def metric_name(self) -> str:
+        return next((row["metric_name"] for row in self.rows if row["status"] == "ok"), "-")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return next((bool(row["higher_is_better"]) for row in self.rows if row["status"] == "ok"), True)
+
 
 def group(ablation: Ablation) -> list[Configuration]:
     """One Configuration per distinct tuple of axis values, in the order of the plan."""
@@ -199,9 +212,9 @@ def select_best(ablation: Ablation, configurations: list[Configuration]) -> list
     valid stream (mean final valid metric; ties, such as several learning rates at accuracy 1.0, go to the
     lower valid loss). The test metric plays no part in the choice."""
     axis = ablation.select_best
-    sign = -1 if ablation.higher_is_better else 1
 
     def badness(configuration: Configuration) -> tuple[float, float]:
+        sign = -1 if configuration.higher_is_better else 1
         metric, loss = configuration.mean("final_metric"), configuration.mean("final_loss")
         return (math.inf if metric is None else sign * metric, math.inf if loss is None else loss)
 
@@ -248,7 +261,8 @@ def _markdown_table(ablation: Ablation, configurations: list[Configuration], bes
     metric, key = ablation.metric_name, ablation.reported
     which = "test " if key == "test_metric" else ""
     headers = [f"best {a} (on valid)" if a == best_axis else a.removeprefix("task_args.") for a in ablation.axes]
-    headers += [f"{which}{metric} (mean ± std)", "95% interval"]
+    mixed = len(ablation.metrics) > 1   # several tasks with different metrics: name each row's
+    headers += (["metric"] if mixed else []) + [f"{which}{metric} (mean ± std)", "95% interval"]
     if key == "test_metric":
         headers.append(f"valid {metric}")
     headers += ["parameters", "state size", "tokens/s", "seeds ok"]
@@ -257,7 +271,7 @@ def _markdown_table(ablation: Ablation, configurations: list[Configuration], bes
         # A best value chosen among configurations of which none finished is no choice at all.
         cells = ["-" if a == best_axis and not c.finished else format_value(c.axes[a]) for a in ablation.axes]
         flag = " (spread!)" if _spread_flag(c, key) else ""
-        cells += [_mean_std(c, key) + flag, _interval(c, key)]
+        cells += ([c.metric_name] if mixed else []) + [_mean_std(c, key) + flag, _interval(c, key)]
         if key == "test_metric":
             cells.append(_number(c.mean("final_metric")))
         cells += [_count(c.mean("parameters")), _count(c.mean("state_size")),
@@ -309,7 +323,7 @@ def comparisons(ablation: Ablation, configurations: list[Configuration]) -> list
             name_a, name_b = (f"{axis.removeprefix('task_args.')}={format_value(v)}" if axis != "rule" else str(v)
                               for v in (a, b))
             results.append({"setting": json.loads(setting), "a": name_a, "b": name_b, "result": result,
-                            "verdict": verdict(name_a, name_b, result, ablation.higher_is_better)})
+                            "verdict": verdict(name_a, name_b, result, config_a.higher_is_better)})
     return results
 
 
@@ -334,18 +348,18 @@ def summary_markdown(ablation: Ablation, root: Path) -> str:
     configurations = group(ablation)
     statuses = [row["status"] for row in ablation.rows]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
-    metric = ablation.metric_name
-    direction = "higher" if ablation.higher_is_better else "lower"
+    metric = " and ".join(f"{name} ({'higher' if higher else 'lower'} is better)"
+                          for name, higher in ablation.metrics.items())
     lines = [f"# Ablation `{ablation.name}`", ""]
     if ablation.description:
         lines += [ablation.description, ""]
     if ablation.reported == "test_metric":
-        what = (f"Reported: {metric} ({direction} is better) on the test stream at the end of training, mean ± "
+        what = (f"Reported: {metric} on the test stream at the end of training, mean ± "
                 "standard deviation and 95% t interval over the seeds that finished; "
                 + (f"the best {ablation.select_best} was chosen on the valid stream." if ablation.select_best
                    else "valid is the stream evaluated during training."))
     else:
-        what = (f"Reported: final {metric} ({direction} is better) on held-out batches (these runs predate the "
+        what = (f"Reported: final {metric} on held-out batches (these runs predate the "
                 "separate test stream), mean ± standard deviation and 95% t interval over the seeds that finished.")
     lines += [f"{len(ablation.rows)} runs: {counts}. {what}", ""]
     finished = [row for row in ablation.rows if row["status"] == "ok"]
@@ -449,7 +463,8 @@ def plot_png(ablation: Ablation) -> bytes | None:
         ax.set_xlabel(x_label)
         best = f", best {ablation.select_best} on valid" if ablation.select_best else ""
         which = "test " if key == "test_metric" else "final "
-        ax.set_ylabel(f"{which}{ablation.metric_name} (mean, 95% interval, seeds{best})")
+        panel_metric = in_panel[0].metric_name if in_panel else ablation.metric_name
+        ax.set_ylabel(f"{which}{panel_metric} (mean, 95% interval, seeds{best})")
         ax.set_title(f"{ablation.name}" + (f": {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
     if series_axes:

@@ -104,3 +104,19 @@ def test_cpu_variant_runs_end_to_end(tmp_path, name):
         assert "## Comparisons" in text
     plan = json.loads((out / "plan.json").read_text())
     assert plan["compare"] == tiny.compare and plan["plot_x_values"] == tiny.plot_x_values
+
+
+def test_tasks_with_opposite_metrics_summarise_together(tmp_path):
+    """MQAR (accuracy, higher is better) and text (bits per character, lower is better) in one ablation: each
+    configuration is selected and compared in its own direction, and the table names each row's metric."""
+    text = [{**row("gated_delta", lr, s, v, t), "task": "text", "metric_name": "bits_per_character",
+             "higher_is_better": False} for lr, s, v, t in
+            [(0.1, 0, 2.0, 2.0), (0.1, 1, 2.1, 2.1), (0.01, 0, 1.5, 1.6), (0.01, 1, 1.6, 1.7)]]
+    recall = [{**row("gated_delta", lr, s, v, t), "task": "mqar"} for lr, s, v, t in
+              [(0.1, 0, 0.9, 0.9), (0.1, 1, 0.8, 0.8), (0.01, 0, 0.5, 0.5), (0.01, 1, 0.6, 0.6)]]
+    ablation = Ablation("t", "", ["task", "rule", "lr"], "lr", None, rows=text + recall)
+    best = {c.axes["task"]: c.axes["lr"] for c in select_best(ablation, group(ablation))}
+    assert best == {"text": 0.01, "mqar": 0.1}   # lowest bits per character, highest accuracy
+    summary = summary_markdown(ablation, tmp_path)
+    assert "bits_per_character (lower is better) and accuracy (higher is better)" in summary
+    assert "| text | gated_delta | 0.01 | bits_per_character | 1.650 ± 0.071 (spread!) |" in summary
