@@ -370,7 +370,7 @@ def summary_markdown(ablation: Ablation, root: Path) -> str:
         lines += [f"Runs on {where}{machine}; {total} of training summed over runs.", ""]
     reported = select_best(ablation, configurations) if ablation.select_best else configurations
     if ablation.select_best:
-        lines += [f"## Best {ablation.select_best} per configuration (chosen on valid {metric}, reported on test)", ""]
+        lines += [f"## Best {ablation.select_best} per configuration (chosen on valid {ablation.metric_name}, reported on test)", ""]
         lines += _markdown_table(ablation, reported, ablation.select_best) + [""]
     lines += spread_lines(ablation, reported)
     lines += comparison_lines(ablation, reported)
