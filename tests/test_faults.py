@@ -225,7 +225,7 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning_and_resume_works(tmp_p
     assert result.exit_code == 0, result.output
     assert "dropped a torn last line" in result.stderr and str(folder / "metrics.jsonl") in result.stderr
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6, 8]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6, 8]
 
 
 def test_damaged_metrics_line_in_the_middle_names_the_file_and_line(tmp_path):
@@ -301,7 +301,7 @@ def test_checkpoint_without_a_key_is_one_line(tmp_path):
 # --- finding 4: resume checks config.toml against the checkpoint ----------------------------------------
 
 @pytest.mark.parametrize("edit, named", [
-    (("lr = 0.003", "lr = 0.01"), "lr (checkpoint 0.003, config.toml 0.01)"),
+    (("lr = 0.005", "lr = 0.01"), "lr (checkpoint 0.005, config.toml 0.01)"),
     (("num_kv_pairs = 2", "num_kv_pairs = 3"), "task_args.num_kv_pairs (checkpoint 2, config.toml 3)"),
 ])
 def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path, edit, named):
