@@ -33,7 +33,9 @@ one ``[grid]`` give the union of their products, for axes that only mean somethi
 stability constraint only exists for the momentum rules).
 
 Each run is its own ``sandbox run`` subprocess, so the ablation does not depend on the training code's
-internals and ``--jobs N`` is just N subprocesses (one per GPU when there are several). The runs end with
+internals and ``--jobs N`` is just N subprocesses, spread over the GPUs. By default ``--jobs`` packs several
+runs onto each GPU (``default_jobs``): a tiny run leaves its GPU idle most of its wall time (start-up,
+kernel compilation, evaluation), so a few at a time finish the ablation sooner. The runs end with
 the ablation: killed, it leaves no training behind (see ``end_with_parent``). Layout of an ablation folder
 (``sandbox.runfolder`` owns its files)::
 
@@ -90,9 +92,13 @@ PARENT_PID_VARIABLE = "SANDBOX_ABLATE_PID"
 # step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
 # of the ablation have finished, the estimate is rescaled by how far off the model was for them.
 ROUGH_COST = {  # device: (start-up s, overhead s/step, s per token x layer x d_model^2)
-    "cuda": (40.0, 0.03, 4e-12),   # one H100: the default run (400 steps, 38 step/s) took 68 s from a cold start
+    "cuda": (40.0, 0.0025, 4e-12),  # one H100, the default run captured as a CUDA graph: 2.9 ms/step, 44 s cold
     "cpu": (5.0, 0.005, 8e-9),     # one busy 2-core machine: 400 steps of mqar at d_model 64 took 120 s (model: 114 s)
 }
+
+
+RUNS_PER_GPU = 4                  # at most, by default
+RUN_OVERHEAD_BYTES = 2 * 2**30    # one run's CUDA context, kernels and allocator slack, beyond its tensors
 
 
 @dataclass
@@ -348,12 +354,81 @@ def modeled_seconds(config: dict) -> float:
 
 
 def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int) -> tuple[float, str]:
-    """Wall-clock estimate for the pending runs, and what it is based on."""
-    total = sum(modeled_seconds(run.config) for run in pending) / min(jobs, max(len(pending), 1))
+    """Wall-clock estimate for the pending runs, and what it is based on.
+
+    Once runs have finished, each pending run costs the finished runs' median start-up (wall time not spent
+    in training steps) plus its steps at the measured cost per step of the finished run most like it (same
+    model and batch shape if there is one, else scaled by the cost model's per-step ratio). Before that,
+    the rough cost model. The sum is shared among ``jobs`` runs at a time.
+    """
+    share = min(jobs, max(len(pending), 1))
     if not finished:
-        return total, "rough cost model, no run has finished yet"
-    scale = statistics.fmean(results["wall_seconds"] / modeled_seconds(run.config) for run, results in finished)
-    return total * scale, f"cost model rescaled by {scale:.2g} to match {len(finished)} finished run(s)"
+        total = sum(modeled_seconds(run.config) for run in pending)
+        return total / share, "rough cost model, no run has finished yet"
+    measured = []   # (run, seconds per step, start-up seconds)
+    for run, results in finished:
+        step_seconds = _step_seconds(run.config, results)
+        measured.append((run, step_seconds, max(0.0, results["wall_seconds"] - results["steps"] * step_seconds)))
+    startup = statistics.median(m[2] for m in measured)
+
+    def pending_seconds(run: PlannedRun) -> float:
+        config = {**RunConfig().to_dict(), **run.config}
+        same = [m for m in measured if _shape(m[0].config) == _shape(run.config)]
+        if same:
+            step = statistics.median(m[1] for m in same)
+        else:
+            step = statistics.median(m[1] * _modeled_step(run.config) / _modeled_step(m[0].config) for m in measured)
+        return startup + config["steps"] * step
+
+    total = sum(pending_seconds(run) for run in pending)
+    return total / share, (f"measured: {len(finished)} finished run(s), start-up {format_duration(startup)}, "
+                           "their cost per step")
+
+
+def _shape(config: dict) -> tuple:
+    """What a step's cost depends on: the rule and the model and batch sizes."""
+    config = {**RunConfig().to_dict(), **config}
+    return tuple(json.dumps(config[key], sort_keys=True) for key in
+                 ("rule", "task", "task_args", "seq_len", "d_model", "layers", "heads", "batch_size", "impl", "device"))
+
+
+def _modeled_step(config: dict) -> float:
+    config = {**RunConfig().to_dict(), **config}
+    return max(modeled_seconds({**config, "steps": 1}) - modeled_seconds({**config, "steps": 0}), 1e-9)
+
+
+def _step_seconds(config: dict, results: dict) -> float:
+    """A finished run's measured seconds per training step (from its tokens per second)."""
+    config = {**RunConfig().to_dict(), **config}
+    return config["batch_size"] * results["seq_len"] / results["tokens_per_second"]
+
+
+def default_jobs(pending: list[PlannedRun]) -> tuple[int, str]:
+    """Runs at a time when ``--jobs`` is not given, and why: one on a CPU-only machine; with GPUs, up to
+    ``RUNS_PER_GPU`` per GPU, as many as the free memory of the fullest GPU holds (at the largest pending
+    run's estimated need plus ``RUN_OVERHEAD_BYTES``) and no more than the CPU cores."""
+    import torch
+
+    from sandbox.tasks import create_task
+    from sandbox.train import estimate_training_bytes
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return 1, "no GPU"
+    free = min(torch.cuda.mem_get_info(index)[0] for index in range(gpus))
+    need = RUN_OVERHEAD_BYTES
+    for run in pending:
+        config = {**RunConfig().to_dict(), **run.config}
+        try:
+            task = create_task(config["task"], config["task_args"], seq_len=config["seq_len"])
+        except ValueError:
+            continue   # that run will stop at its bad value
+        sizes = {"d_model": config["d_model"], "layers": config["layers"], "batch_size": config["batch_size"],
+                 "seq_len": task.seq_len, "vocab_size": task.vocab_size}
+        need = max(need, RUN_OVERHEAD_BYTES + estimate_training_bytes(sizes, config["heads"], config["chunk_size"]))
+    per_gpu = max(1, min(RUNS_PER_GPU, free // need, (os.cpu_count() or 1) // gpus))
+    return gpus * per_gpu, (f"{gpus} GPU(s) x {per_gpu} runs: {free / 2**30:.0f} GiB free on the fullest, "
+                            f"about {need / 2**30:.1f} GiB a run, {os.cpu_count()} CPU cores")
 
 
 def end_with_parent(parent_pid: int) -> None:
@@ -425,10 +500,11 @@ def set_aside(folder: Path, root: Path) -> Path:
     return target
 
 
-def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False) -> Path:
+def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int | None = None,
+           dry_run: bool = False) -> Path:
     """Run (or with ``dry_run`` only list) every run of a recipe that has no results yet, then summarise.
-    Raises RunsFailed, after writing the summaries, if any run failed."""
-    if not isinstance(jobs, int) or jobs < 1:
+    ``jobs=None``: ``default_jobs``. Raises RunsFailed, after writing the summaries, if any run failed."""
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"--jobs: expected a positive integer, got {jobs!r}")
     recipe = load_recipe(recipe_path)
     runs = plan_runs(recipe)
@@ -455,6 +531,9 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int = 1
     from_checkpoint = f" ({len(resumable)} from a checkpoint)" if resumable else ""
     print(f"recipe {recipe.name}: {len(runs)} runs ({configurations} configurations x {len(recipe.seeds)} seeds), "
           f"{len(finished)} finished, {len(pending)} to run{from_checkpoint}, in {root}")
+    if jobs is None:
+        jobs, why = default_jobs(pending)
+        print(f"--jobs {jobs} ({why})")
     if dry_run:
         pending_names = {run.name for run in pending}
         for run in runs:
@@ -548,7 +627,8 @@ def ablate_command(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe TOML file, e.g. recipes/quick.toml.")],
     out: Annotated[Optional[Path], typer.Option(help="Ablation folder (default: ablations/<recipe name>); new, "
                                                 "empty, or an ablation of the same recipe (which resumes).")] = None,
-    jobs: Annotated[int, typer.Option(help="Runs at a time (with several GPUs, one per GPU).")] = 1,
+    jobs: Annotated[Optional[int], typer.Option(help="Runs at a time, spread over the GPUs (default: one on a CPU; "
+                                                "with GPUs, up to 4 per GPU as free memory and CPU cores allow).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
 ) -> None:
     """Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png.

@@ -3,7 +3,7 @@
 A run folder (``sandbox run``) holds
     config.toml      the resolved config: what to train, never where (the folder is where); ``--config`` reuses it
     metrics.jsonl    one JSON object per logged train step and per evaluation, appended line by line
-    results.json     the summary at the end (final eval loss and metric, size, speed)
+    results.json     the summary at the end (final valid and test loss and metric, size, speed)
     checkpoint.pt    model, optimizer, step, the RNG states and the resolved config
     events.out.*     TensorBoard events (written by TensorBoard's own writer)
     .lock            held (``flock``) by the one trainer writing the folder, for as long as it runs
@@ -113,6 +113,7 @@ if os.name == "nt":  # pragma: no cover - exercised on Windows only
     import msvcrt
 
     def _try_lock(file) -> bool:
+        file.seek(0)   # every process locks the same first byte
         try:
             msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
             return True
@@ -259,9 +260,6 @@ class RunFolder:
     def write_results(self, results: dict[str, Any]) -> None:
         write_text_atomically(self.path / RESULTS, json.dumps(results, indent=2) + "\n")
 
-    def read_results(self) -> dict[str, Any] | None:
-        return read_results(self.path)
-
     # checkpoint
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         try:
@@ -289,7 +287,11 @@ class RunFolder:
 
 def read_run_config(folder: Path) -> dict[str, Any]:
     """The keys a run folder's config.toml sets; ``out`` is dropped (older versions saved it)."""
-    config = load_config(Path(folder) / CONFIG)
+    try:
+        config = load_config(Path(folder) / CONFIG)
+    except ValueError as error:
+        raise ValueError(f"{error}; repair that file by hand (the run's checkpoint.pt holds the settings it "
+                         "was trained with), or start a new run") from None
     config.pop("out", None)
     return config
 
@@ -380,7 +382,8 @@ def check_summaries_replaceable(root: Path, names: list[str]) -> None:
         path = Path(root) / name
         if path.exists() and _fingerprint(path.read_bytes()) not in written.get(name, []):
             raise ValueError(f"DIR: {path} was not written by `sandbox report` (or was edited since); "
-                             "move it away, or summarise into another folder")
+                             "move it away (delete it if it is an old summary of this folder), or summarise "
+                             "into another folder")
 
 
 def write_summary_files(root: Path, files: dict[str, bytes]) -> None:

@@ -609,6 +609,7 @@ def run_command(
     except RunInterrupted as error:
         fail(str(error), code=130)
     metric = results["metric_name"]
-    typer.echo(f"final eval loss {results['final_loss']:.4f}, {metric} {results['final_metric']:.4f}; "
+    typer.echo(f"final valid loss {results['final_loss']:.4f}, {metric} {results['final_metric']:.4f} "
+               f"(test: loss {results['test_loss']:.4f}, {metric} {results['test_metric']:.4f}); "
                f"{results['tokens_per_second']:,.0f} tokens/s, {results['wall_seconds']:.1f} s")
     typer.echo(f"run folder: {folder}")

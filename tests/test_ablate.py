@@ -224,3 +224,38 @@ def test_select_best_per_configuration():
         r["higher_is_better"] = False
     best = select_best(ablation, group(ablation))
     assert [(c.axes["rule"], c.axes["lr"]) for c in best] == [("delta", 0.1), ("linear", 0.1)]
+
+
+def test_estimate_uses_the_measured_cost_per_step_and_start_up():
+    from sandbox.ablate import PlannedRun, estimate_seconds
+
+    def run(name, **config):
+        return PlannedRun(name, {"device": "cuda", **config}, {}, 0)
+
+    # A finished default run: 400 steps of 64 x 64 tokens at 1.024M tokens/s (4 ms a step), 30 s wall.
+    finished = [(run("a", steps=400), {"wall_seconds": 30.0, "steps": 400, "seq_len": 64, "tokens_per_second": 1.024e6})]
+    seconds, basis = estimate_seconds([run("b", steps=1000), run("c", steps=400, seed=1)], finished, jobs=2)
+    startup = 30.0 - 400 * 0.004
+    assert seconds == pytest.approx((startup + 1000 * 0.004 + startup + 400 * 0.004) / 2)
+    assert basis.startswith("measured: 1 finished run(s)")
+    # Another shape: the measured step scaled by the cost model's ratio, so a wider model costs more.
+    wide, _ = estimate_seconds([run("d", steps=400, d_model=512)], finished, jobs=1)
+    assert wide > startup + 400 * 0.004
+
+
+def test_default_jobs_packs_runs_by_free_gpu_memory_and_cores(monkeypatch):
+    import torch
+
+    from sandbox.ablate import default_jobs
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert default_jobs([]) == (1, "no GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: ((70 if index else 5) * 2**30, 80 * 2**30))
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    jobs, why = default_jobs([])
+    assert jobs == 2 * 2 and "2 GPU(s) x 2 runs" in why       # 5 GiB free on the fullest GPU, 2 GiB a run
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (70 * 2**30, 80 * 2**30))
+    assert default_jobs([])[0] == 2 * 4                         # at most RUNS_PER_GPU
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert default_jobs([])[0] == 2 * 2                         # no more than the cores

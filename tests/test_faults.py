@@ -434,3 +434,27 @@ def test_ablate_out_that_cannot_be_a_folder_is_one_line(tmp_path, monkeypatch, w
 def test_saved_config_does_not_carry_its_folder(tmp_path):
     folder = tiny_run(tmp_path / "r")
     assert "out" not in load_config(folder / "config.toml")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_set_aside_not_suffixed(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(steps=4))
+    out = tmp_path / "ablation"
+    out.mkdir()
+    write_plan(out, {"recipe": "tiny", "runs": []})
+    stale = out / "runs" / RUN_NAME
+    stale.mkdir(parents=True)
+    (stale / "config.toml").write_text('rule = "delta"\n')
+    (stale / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.7}\n')
+    assert invoke("ablate", recipe, "--out", out).exit_code == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [RUN_NAME]   # no rule=delta__seed=0-1
+    assert json.loads((stale / "results.json").read_text())["steps"] == 4
+    assert (out / "incomplete" / RUN_NAME / "metrics.jsonl").read_text().startswith('{"step": 1')
+
+
+def test_damaged_config_toml_of_a_run_names_the_file_and_what_to_do(tmp_path):
+    folder = tiny_run(tmp_path / "r")
+    (folder / "config.toml").write_text('rule = "delta\n')
+    for args in (["run", "--resume", folder], ["compare", folder, folder]):
+        line = one_line_error(invoke(*args))
+        assert str(folder / "config.toml") in line and "repair that file" in line, args

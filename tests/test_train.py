@@ -180,7 +180,7 @@ def compile_for_test(monkeypatch, backend: str = "aot_eager") -> None:
     monkeypatch.setattr(torch, "compile", lambda fn: original(fn, backend=backend, fullgraph=True))
 
 
-@pytest.mark.parametrize("rule, impl", [("momentum_delta", "triton"), ("attention", "auto")])
+@pytest.mark.parametrize("rule, impl", [("linear", "triton"), ("attention", "auto")])
 def test_compiled_step_matches_eager(tmp_path, monkeypatch, rule, impl):
     eager, _ = train(tiny_config(tmp_path, out=str(tmp_path / "eager"), rule=rule, impl=impl, steps=4,
                                  compile=False), progress=False)
