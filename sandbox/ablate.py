@@ -5,8 +5,16 @@ A recipe is a TOML file with a base run configuration and the axes to vary::
     name = "quick"                      # optional, default: the file name
     description = "one line for the summary"
     seeds = [0, 1, 2]                   # every configuration runs once per seed
-    select_best = "lr"                  # optional: report the best value of this axis per configuration
+    select_best = "lr"                  # optional: per configuration, the value of this axis that scores best
+                                        # on the valid stream; the summary reports its test metric
     plot_x = "d_model"                  # optional: x axis of summary.png
+    plot_x_values = "state_size"        # optional: place plot_x's points at this result instead
+                                        # (state_size or parameters), e.g. accuracy against state size
+
+    [compare]                           # optional: differences with a 95% interval and Welch's test
+    axis = "rule"
+    pairs = [["gated_delta", "momentum_delta"]]   # (a, b): b - a, per setting of the other axes
+    # or: reference = "gated_delta"     # every other value of the axis against this one
 
     [base]                              # keys of sandbox.config.RunConfig, like the `sandbox run` flags
     config = "file.toml"                # optional, a run config file that the other keys override
@@ -78,7 +86,8 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "plot_x")
+RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "plot_x", "plot_x_values", "compare")
+PLOT_X_VALUES = ("state_size", "parameters")   # results that can stand in for plot_x's values
 # The ablation owns these: one folder per run, one seed per entry of `seeds`.
 RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use seeds = [...] at the top level"}
 # Set in the environment of each run: the ablation's pid, so that the run ends when the ablation does.
@@ -110,6 +119,8 @@ class Recipe:
     seeds: list[int]
     select_best: str | None
     plot_x: str | None
+    plot_x_values: str | None = None
+    compare: dict | None = None   # {"axis": key, "pairs": [[a, b], ...]}, reference expanded into pairs
 
     @property
     def axes(self) -> list[str]:
@@ -240,12 +251,51 @@ def load_recipe(path: str | Path) -> Recipe:
             or len(set(seeds)) != len(seeds)):
         raise ValueError(f"seeds: expected a non-empty list of distinct integers, got {seeds!r}")
 
-    recipe = Recipe(name, description, base, grids, seeds, raw.get("select_best"), raw.get("plot_x"))
+    recipe = Recipe(name, description, base, grids, seeds, raw.get("select_best"), raw.get("plot_x"),
+                    raw.get("plot_x_values"))
     for key in ("select_best", "plot_x"):
         value = getattr(recipe, key)
         if value is not None and value not in recipe.axes:
             raise ValueError(f"{key}: expected one of the grid axes ({', '.join(recipe.axes)}), got {value!r}")
+    if recipe.plot_x_values is not None:
+        if recipe.plot_x_values not in PLOT_X_VALUES:
+            raise ValueError(f"plot_x_values: expected one of {', '.join(PLOT_X_VALUES)}, got {recipe.plot_x_values!r}")
+        if recipe.plot_x is None:
+            raise ValueError("plot_x_values: needs plot_x, the axis whose points it places")
+    if "compare" in raw:
+        recipe.compare = _load_compare(raw["compare"], recipe)
     return recipe
+
+
+def _load_compare(compare: object, recipe: Recipe) -> dict:
+    """``[compare]``: an axis and the pairs of its values to compare (``reference`` = every value against one)."""
+    if not isinstance(compare, dict):
+        raise ValueError("compare: expected a table with axis and pairs (or reference)")
+    unknown = set(compare) - {"axis", "pairs", "reference"}
+    if unknown:
+        raise ValueError(f"compare.{sorted(unknown)[0]}: unknown key, expected axis, pairs or reference")
+    axis = compare.get("axis")
+    if axis not in recipe.axes:
+        raise ValueError(f"compare.axis: expected one of the grid axes ({', '.join(recipe.axes)}), got {axis!r}")
+    if axis == recipe.select_best:
+        raise ValueError(f"compare.axis: '{axis}' is the select_best axis, whose best value is already chosen")
+    values = [value for grid in recipe.grids for value in grid.get(axis, [])]
+    if ("pairs" in compare) == ("reference" in compare):
+        raise ValueError("compare: expected exactly one of pairs = [[a, b], ...] or reference = value")
+    if "reference" in compare:
+        reference = compare["reference"]
+        if reference not in values:
+            raise ValueError(f"compare.reference: expected one of the values of {axis} ({values}), got {reference!r}")
+        pairs = [[reference, value] for value in dict.fromkeys(values) if value != reference]
+    else:
+        pairs = compare["pairs"]
+        if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise ValueError(f"compare.pairs: expected a list of [a, b] pairs, got {pairs!r}")
+        for pair in pairs:
+            for value in pair:
+                if value not in values:
+                    raise ValueError(f"compare.pairs: {value!r} is not a value of {axis} ({values})")
+    return {"axis": axis, "pairs": pairs}
 
 
 def run_name(axes: dict, seed: int) -> str:
@@ -621,7 +671,8 @@ def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRu
     share), write the summaries; returns how many failed."""
     try:
         plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
-                "select_best": recipe.select_best, "plot_x": recipe.plot_x, "machine": machine,
+                "select_best": recipe.select_best, "plot_x": recipe.plot_x,
+                "plot_x_values": recipe.plot_x_values, "compare": recipe.compare, "machine": machine,
                 "runs": [{"name": r.name, "axes": r.axes, "seed": r.seed, "config": r.config} for r in runs]}
         write_plan(root, plan)
         for sub in ("configs", "logs", "runs"):

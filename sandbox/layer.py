@@ -7,7 +7,7 @@
     gates    = exactly the rule's gates, from one small projection each, in float32:
                log_alpha = -exp(A_log) softplus(a + dt_bias)                (Mamba2-style decay)
                log_mu    = max(-exp(Mu_log) softplus(m + mu_bias), min_log_mu)
-               beta      = sigmoid(b),   eta = tanh(e / sqrt(d_model)) + 1
+               beta      = sigmoid(b)  (2 sigmoid(b) with allow_neg_eigval),   eta = tanh(e / sqrt(d_model)) + 1
                momentum rules: theta = arctan(eta exp(log_factor)), beta *= sin^2 theta,
                log_alpha += log cos^2 theta                                 (stability constraint)
     o        = rule(q, k, v, gates)                          (o_t = scale S_t^T q_t)
@@ -107,6 +107,41 @@ def inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+class DecayInit(NamedTuple):
+    """Initial per-head decay rate ``A ~ U(A_low, A_high)`` and time step ``dt`` log-uniform in [dt_low, dt_high].
+
+    At initialisation a head keeps ``exp(-A dt)`` of its state per token (the projection's input adds little
+    around ``dt_bias``), so its memory half-life is about ``ln 2 / (A dt)`` tokens.
+    """
+
+    A_low: float
+    A_high: float
+    dt_low: float
+    dt_high: float
+    about: str
+
+    def sample(self, heads: int) -> tuple[Tensor, Tensor]:
+        A = torch.empty(heads).uniform_(self.A_low, self.A_high).clamp_(min=1e-4)
+        dt = torch.exp(torch.empty(heads).uniform_(math.log(self.dt_low), math.log(self.dt_high)))
+        return A, dt
+
+    def half_lives(self) -> tuple[float, float]:
+        """Shortest and longest half-life in tokens that this init can draw (A > 0 clamped at 1e-4)."""
+        return math.log(2) / (self.A_high * self.dt_high), math.log(2) / (max(self.A_low, 1e-4) * self.dt_low)
+
+
+DECAY_INITS = {
+    "mamba2": DecayInit(0.0, 16.0, 1e-3, 0.1, "Mamba2 / MDN / fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]; "
+                        "half-lives from under one token to thousands, half of the heads under ~10 tokens"),
+    "slow": DecayInit(1.0, 1.0, 1e-3, 1e-2, "A = 1, dt log-uniform in [1e-3, 1e-2]; every head starts with "
+                      "a half-life of 69 to 693 tokens and learns to forget faster where that helps"),
+}
+# Chosen by measurement (docs/results/decay_init.md, one H100, 3 seeds): on MQAR at d_model 64, gated_delta with
+# the mamba2 init solved 0 of 6 seeds, with slow 3 of 6; slow was never worse in mean. Not significant at 3 seeds.
+DEFAULT_DECAY_INIT = "slow"
+DEFAULT_MOMENTUM_INIT = "mamba2"
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time (kernel ``CONV_SIZE``) followed by SiLU, on ``[B, T, channels]``."""
 
@@ -131,10 +166,20 @@ class RuleMixer(nn.Module):
 
     def __init__(self, rule: Rule, d_model: int, heads: int, *, head_dim: int | None = None,
                  value_dim: int | None = None, short_conv: bool = True, stability_constraint: bool = True,
-                 min_log_mu: float = -2.0, chunk_size: int = 64, impl: str = "chunk"):
+                 min_log_mu: float = -2.0, chunk_size: int = 64, impl: str = "chunk",
+                 decay_init: str = DEFAULT_DECAY_INIT, momentum_init: str = DEFAULT_MOMENTUM_INIT,
+                 allow_neg_eigval: bool = False):
         super().__init__()
         if impl not in ("naive", "chunk", "triton"):
             raise ValueError(f"impl: expected naive, chunk or triton (resolve 'auto' first), got '{impl}'")
+        for name, value in (("decay_init", decay_init), ("momentum_init", momentum_init)):
+            if value not in DECAY_INITS:
+                raise ValueError(f"{name}: expected one of {', '.join(DECAY_INITS)}, got '{value}'")
+        if allow_neg_eigval and not rule.delta:
+            raise ValueError(f"allow_neg_eigval: only the delta rules have a transition I - beta k k^T whose "
+                             f"eigenvalue 1 - beta can turn negative; '{rule.name}' has none")
+        # beta in (0, 2) lets the delta transition's eigenvalue along k, 1 - beta, reach (-1, 1) (Grazzi et al.).
+        self.beta_scale = 2.0 if allow_neg_eigval else 1.0
         self.rule, self.heads, self.impl, self.chunk_size = rule, heads, impl, chunk_size
         self.head_dim = head_dim or d_model // heads
         self.value_dim = value_dim or self.head_dim
@@ -152,11 +197,13 @@ class RuleMixer(nn.Module):
         # One projection per gate the rule takes, plus the per-head parameters of section 4.
         self.gate_projs = nn.ModuleDict({name: nn.Linear(d_model, heads, bias=False) for name in rule.gates})
         if "log_alpha" in rule.gates:
-            self.A_log = nn.Parameter(torch.empty(heads).uniform_(0, 16).clamp_(min=1e-4).log())
-            self.dt_bias = nn.Parameter(inverse_softplus(log_uniform_dt(heads)))
+            A, dt = DECAY_INITS[decay_init].sample(heads)
+            self.A_log = nn.Parameter(A.log())
+            self.dt_bias = nn.Parameter(inverse_softplus(dt))
         if rule.momentum:
-            self.Mu_log = nn.Parameter(torch.empty(heads).uniform_(0, 16).clamp_(min=1e-4).log())
-            self.mu_bias = nn.Parameter(inverse_softplus(log_uniform_dt(heads)))
+            Mu, dt = DECAY_INITS[momentum_init].sample(heads)
+            self.Mu_log = nn.Parameter(Mu.log())
+            self.mu_bias = nn.Parameter(inverse_softplus(dt))
         if self.stability_constraint:
             self.log_factor = nn.Parameter(torch.empty(heads).uniform_(0, 4).clamp_(min=1e-4).log())
 
@@ -175,7 +222,7 @@ class RuleMixer(nn.Module):
             if "log_alpha" in raw:
                 gates["log_alpha"] = -self.A_log.exp() * F.softplus(raw["log_alpha"] + self.dt_bias)
             if "beta" in raw:
-                gates["beta"] = raw["beta"].sigmoid()
+                gates["beta"] = self.beta_scale * raw["beta"].sigmoid()
             if "log_mu" in raw:
                 log_mu = -self.Mu_log.exp() * F.softplus(raw["log_mu"] + self.mu_bias)
                 gates["log_mu"] = log_mu.clamp(min=self.min_log_mu)
@@ -266,10 +313,6 @@ class RuleMixer(nn.Module):
         return self.heads * self.head_dim * self.value_dim * (2 if self.rule.momentum else 1)
 
 
-def log_uniform_dt(heads: int, low: float = 1e-3, high: float = 0.1) -> Tensor:
-    """Time steps log-uniform in [low, high] (the Mamba2 init of dt_bias)."""
-    return torch.exp(torch.empty(heads).uniform_(math.log(low), math.log(high)))
-
 
 class RotaryEmbedding(nn.Module):
     """Rotary positions (rotate-half form) for ``[B, T, H, D]`` queries and keys."""
@@ -288,14 +331,23 @@ class RotaryEmbedding(nn.Module):
 
 
 class AttentionMixer(nn.Module):
-    """Causal softmax attention with rotary positions, the baseline every rule is compared against."""
+    """Causal softmax attention with rotary positions, the baseline every rule is compared against.
 
-    def __init__(self, d_model: int, heads: int):
+    With ``short_conv`` (the default, as for the rule mixers) q, k and v pass through the same causal
+    depthwise convolution + SiLU as in ``RuleMixer``, so that an attention-vs-rule comparison differs in the
+    mixer only. The convolution hands each position its predecessors' tokens, which is what the
+    previous-token half of an induction head needs; without it attention must first learn that head from
+    positions alone, which takes far longer than the sandbox's short runs (Zoology adds it for the same reason).
+    """
+
+    def __init__(self, d_model: int, heads: int, *, short_conv: bool = True):
         super().__init__()
         self.heads, self.head_dim = heads, d_model // heads
         if self.head_dim % 2:
             raise ValueError(f"d_model: attention needs an even head dimension (d_model / heads), got {self.head_dim}")
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        # Depthwise, so one convolution over the fused q, k, v channels is three separate ones.
+        self.conv = ShortConv(3 * d_model) if short_conv else None
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim)
         self.record_stats = False
@@ -305,7 +357,10 @@ class AttentionMixer(nn.Module):
         if state is not None or output_state:
             raise ValueError("state: the attention mixer keeps no recurrent state (its KV cache grows with T)")
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).reshape(B, T, 3, self.heads, self.head_dim).unbind(2)
+        qkv = self.qkv_proj(x)
+        if self.conv is not None:
+            qkv, _ = self.conv(qkv)
+        q, k, v = qkv.reshape(B, T, 3, self.heads, self.head_dim).unbind(2)
         q, k = self.rotary(q), self.rotary(k)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), None

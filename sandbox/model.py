@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.config import ATTENTION
-from sandbox.layer import AttentionMixer, MixerState, RuleMixer
+from sandbox.layer import DEFAULT_DECAY_INIT, DEFAULT_MOMENTUM_INIT, AttentionMixer, MixerState, RuleMixer
 from sandbox.rules import get_rule
 
 
@@ -53,7 +53,8 @@ class Block(nn.Module):
 class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, rule: str, d_model: int, layers: int, heads: int, *,
                  short_conv: bool = True, stability_constraint: bool = True, min_log_mu: float = -2.0,
-                 chunk_size: int = 64, impl: str = "chunk"):
+                 chunk_size: int = 64, impl: str = "chunk", decay_init: str = DEFAULT_DECAY_INIT,
+                 momentum_init: str = DEFAULT_MOMENTUM_INIT, allow_neg_eigval: bool = False):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model: expected a multiple of heads ({heads}), got {d_model}")
@@ -62,10 +63,11 @@ class LanguageModel(nn.Module):
 
         def mixer() -> nn.Module:
             if rule == ATTENTION:
-                return AttentionMixer(d_model, heads)
+                return AttentionMixer(d_model, heads, short_conv=short_conv)
             return RuleMixer(get_rule(rule), d_model, heads, short_conv=short_conv, impl=impl,
                              stability_constraint=stability_constraint, min_log_mu=min_log_mu,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, decay_init=decay_init, momentum_init=momentum_init,
+                             allow_neg_eigval=allow_neg_eigval)
 
         self.blocks = nn.ModuleList([Block(mixer(), d_model) for _ in range(layers)])
         self.final_norm = nn.RMSNorm(d_model, eps=1e-6)

@@ -1,8 +1,19 @@
 """``sandbox report`` and ``sandbox compare``: tables and a plot from finished run folders.
 
 ``write_summaries(dir)`` reads an ablation folder (its ``plan.json`` and run folders) and writes
-``summary.csv`` (one row per run), ``summary.md`` (mean ± std over seeds per configuration) and, with
-matplotlib installed, ``summary.png`` (the metric against the swept axis, one line per configuration).
+``summary.csv`` (one row per run), ``summary.md`` and, with matplotlib installed, ``summary.png`` (the metric
+against the swept axis with 95% intervals, one line per configuration).
+
+What the summary reports, and why:
+- The number in the tables is the **test** metric (a stream no run saw during training or selection).
+  ``select_best`` picks, per setting of the other axes, the value whose mean **valid** metric is best, so the
+  reported number is not the one that was maximised.
+- Per configuration: mean, standard deviation and a 95% Student t interval over the seeds
+  (``sandbox/stats.py``). A seed spread above ``SEED_SPREAD_FLAG`` is flagged and the seeds are listed: a mean
+  over seeds that split between solving and not solving describes no seed.
+- ``[compare]`` pairs: the difference of the test metrics with its 95% interval, Welch's test and a verdict
+  in words (``b better than a`` at p < 0.05, else "not distinguishable with n seeds"; no correction for
+  multiple comparisons, so read a single p near 0.05 among many with care).
 With ``plan.json``, the runs are exactly those it names (``runs/NAME``); a folder without one (say, a
 ``runs/`` folder of separate ``sandbox run`` calls) works too: every ``results.json`` below it is one run, and
 the axes are the config keys whose values differ. The summaries replace only files that ``sandbox report``
@@ -25,9 +36,11 @@ import typer
 from sandbox.config import RunConfig, flatten
 from sandbox.errors import fail
 from sandbox.runfolder import (ablation_run_folder, read_plan, read_results, read_run_config, write_summary_files)
+from sandbox.stats import mean_interval, verdict, welch
 
-RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss", "parameters", "state_size",
-                  "tokens_per_second", "wall_seconds", "device", "impl")
+RESULT_COLUMNS = ("metric_name", "higher_is_better", "final_metric", "final_loss", "test_metric", "test_loss",
+                  "parameters", "state_size", "tokens_per_second", "wall_seconds", "device", "impl")
+SEED_SPREAD_FLAG = 0.05   # a standard deviation over seeds above this is flagged in summary.md
 # Exit codes of a run stopped by Ctrl-C: 130 (128 + SIGINT, what `sandbox run` returns) or killed by a signal.
 INTERRUPTED_CODES = {130, -2, -9, -15}
 # Keys that never make two runs different configurations.
@@ -59,6 +72,8 @@ class Ablation:
     select_best: str | None
     plot_x: str | None
     machine: str = ""          # the accelerator (or CPU) the ablation was last launched on
+    plot_x_values: str | None = None   # a result column that places plot_x's points (state_size)
+    compare: dict | None = None        # {"axis": key, "pairs": [[a, b], ...]}
     rows: list[dict] = field(default_factory=list)  # one per run: name, axes..., seed, status, results, folder, log
 
     @property
@@ -67,12 +82,24 @@ class Ablation:
         return names.pop() if len(names) == 1 else "metric"
 
     @property
+    def metrics(self) -> dict[str, bool]:
+        """Each metric of the finished runs and whether higher is better (from results.json: a task knows whether
+        its metric is an accuracy or a loss). Several when tasks differ, e.g. accuracy and bits per character."""
+        found = {row["metric_name"]: row["higher_is_better"] for row in self.rows
+                 if row["status"] == "ok" and row["metric_name"] != ""}
+        return found or {"metric": True}
+
+    @property
     def higher_is_better(self) -> bool:
-        """From the runs' results.json (a task knows whether its metric is an accuracy or a loss)."""
-        directions = {row["higher_is_better"] for row in self.rows if row["status"] == "ok"} - {""}
-        if len(directions) > 1:
-            raise ValueError("the runs' metrics disagree on whether higher is better; summarise them separately")
-        return directions.pop() if directions else True
+        """The direction of the one metric; with several, each configuration's own (Configuration.higher_is_better)."""
+        return next(iter(self.metrics.values())) if len(self.metrics) == 1 else True
+
+    @property
+    def reported(self) -> str:
+        """The result that the tables report: the test metric, or for runs made before the test stream
+        existed, the final metric on the held-out batches (``final_metric``)."""
+        finished = [row for row in self.rows if row["status"] == "ok"]
+        return "test_metric" if finished and all(row["test_metric"] != "" for row in finished) else "final_metric"
 
 
 def _read_status(log: Path) -> str:
@@ -109,7 +136,7 @@ def load_ablation(root: str | Path) -> Ablation:
     plan = read_plan(root)
     if plan is not None:
         ablation = Ablation(plan["recipe"], plan["description"], plan["axes"], plan["select_best"], plan["plot_x"],
-                            plan["machine"])
+                            plan["machine"], plan.get("plot_x_values"), plan.get("compare"))
         for run in plan["runs"]:
             folder = ablation_run_folder(root, run["name"])
             folder = folder if read_results(folder) is not None else None
@@ -152,9 +179,22 @@ class Configuration:
         values = self.values(key)
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
+    def half_width(self, key: str) -> float:
+        """Half-width of the 95% interval of the mean (NaN with fewer than two seeds)."""
+        values = self.values(key)
+        return mean_interval(values).half_width if values else math.nan
+
     @property
     def finished(self) -> int:
         return sum(row["status"] == "ok" for row in self.rows)
+
+    @property
+    def metric_name(self) -> str:
+        return next((row["metric_name"] for row in self.rows if row["status"] == "ok"), "-")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return next((bool(row["higher_is_better"]) for row in self.rows if row["status"] == "ok"), True)
 
 
 def group(ablation: Ablation) -> list[Configuration]:
@@ -168,12 +208,13 @@ def group(ablation: Ablation) -> list[Configuration]:
 
 
 def select_best(ablation: Ablation, configurations: list[Configuration]) -> list[Configuration]:
-    """For each setting of the other axes, the configuration whose value of ``select_best`` scores best
-    (by mean final metric; ties, such as several learning rates at accuracy 1.0, go to the lower loss)."""
+    """For each setting of the other axes, the configuration whose value of ``select_best`` scores best on the
+    valid stream (mean final valid metric; ties, such as several learning rates at accuracy 1.0, go to the
+    lower valid loss). The test metric plays no part in the choice."""
     axis = ablation.select_best
-    sign = -1 if ablation.higher_is_better else 1
 
     def badness(configuration: Configuration) -> tuple[float, float]:
+        sign = -1 if configuration.higher_is_better else 1
         metric, loss = configuration.mean("final_metric"), configuration.mean("final_loss")
         return (math.inf if metric is None else sign * metric, math.inf if loss is None else loss)
 
@@ -205,40 +246,135 @@ def _count(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+def _interval(configuration: Configuration, key: str) -> str:
+    mean, half = configuration.mean(key), configuration.half_width(key)
+    if mean is None or math.isnan(half):
+        return "-"
+    return f"[{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def _spread_flag(configuration: Configuration, key: str) -> bool:
+    return configuration.std(key) > SEED_SPREAD_FLAG
+
+
 def _markdown_table(ablation: Ablation, configurations: list[Configuration], best_axis: str | None = None) -> list[str]:
-    metric = ablation.metric_name
-    headers = [f"best {a}" if a == best_axis else a.removeprefix("task_args.") for a in ablation.axes]
-    headers += [f"{metric} (mean ± std)", "loss (mean ± std)", "parameters", "state size", "tokens/s", "seeds ok"]
+    metric, key = ablation.metric_name, ablation.reported
+    which = "test " if key == "test_metric" else ""
+    headers = [f"best {a} (on valid)" if a == best_axis else a.removeprefix("task_args.") for a in ablation.axes]
+    mixed = len(ablation.metrics) > 1   # several tasks with different metrics: name each row's
+    headers += (["metric"] if mixed else []) + [f"{which}{metric} (mean ± std)", "95% interval"]
+    if key == "test_metric":
+        headers.append(f"valid {metric}")
+    headers += ["parameters", "state size", "tokens/s", "seeds ok"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for c in configurations:
-        cells = [format_value(c.axes[a]) for a in ablation.axes]
-        cells += [_mean_std(c, "final_metric"), _mean_std(c, "final_loss"),
-                  _count(c.mean("parameters")), _count(c.mean("state_size")),
+        # A best value chosen among configurations of which none finished is no choice at all.
+        cells = ["-" if a == best_axis and not c.finished else format_value(c.axes[a]) for a in ablation.axes]
+        flag = " (spread!)" if _spread_flag(c, key) else ""
+        cells += ([c.metric_name] if mixed else []) + [_mean_std(c, key) + flag, _interval(c, key)]
+        if key == "test_metric":
+            cells.append(_number(c.mean("final_metric")))
+        cells += [_count(c.mean("parameters")), _count(c.mean("state_size")),
                   _number(c.mean("tokens_per_second"), 0), f"{c.finished}/{len(c.rows)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _describe(configuration: Configuration, axes: list[str]) -> str:
+    return ", ".join(f"{a.removeprefix('task_args.')}={format_value(configuration.axes[a])}" for a in axes) or "all runs"
+
+
+def spread_lines(ablation: Ablation, configurations: list[Configuration]) -> list[str]:
+    """The configurations whose seeds disagree by more than SEED_SPREAD_FLAG (std), with every seed's value."""
+    key = ablation.reported
+    flagged = [c for c in configurations if _spread_flag(c, key)]
+    if not flagged:
+        return []
+    lines = [f"## Seed spread above {SEED_SPREAD_FLAG} (flagged)", "",
+             "The mean of these configurations describes no single seed; the seeds' values:", ""]
+    for c in flagged:
+        seeds = ", ".join(f"{row['seed']}: {float(row[key]):.3f}" for row in c.rows
+                          if row["status"] == "ok" and row[key] != "")
+        lines.append(f"- {_describe(c, ablation.axes)}: std {c.std(key):.3f} (seeds {seeds})")
+    return lines + [""]
+
+
+def comparisons(ablation: Ablation, configurations: list[Configuration]) -> list[dict]:
+    """The recipe's ``[compare]`` pairs, per setting of the other axes: b - a on the reported metric, its 95%
+    interval, Welch's p and a verdict. Pairs whose runs are missing, or have fewer than 2 seeds, are skipped."""
+    if not ablation.compare:
+        return []
+    axis, key = ablation.compare["axis"], ablation.reported
+    others = [a for a in ablation.axes if a != axis]
+    by_setting: dict[str, dict] = {}
+    for c in configurations:
+        setting = json.dumps({a: c.axes[a] for a in others if a != ablation.select_best}, default=str)  # axis order
+        by_setting.setdefault(setting, {})[json.dumps(c.axes[axis], default=str)] = c
+    results = []
+    for setting, members in by_setting.items():
+        for a, b in ablation.compare["pairs"]:
+            config_a, config_b = members.get(json.dumps(a, default=str)), members.get(json.dumps(b, default=str))
+            if config_a is None or config_b is None:
+                continue
+            values_a, values_b = config_a.values(key), config_b.values(key)
+            if len(values_a) < 2 or len(values_b) < 2:
+                continue
+            result = welch(values_a, values_b)
+            name_a, name_b = (f"{axis.removeprefix('task_args.')}={format_value(v)}" if axis != "rule" else str(v)
+                              for v in (a, b))
+            results.append({"setting": json.loads(setting), "a": name_a, "b": name_b, "result": result,
+                            "verdict": verdict(name_a, name_b, result, config_a.higher_is_better)})
+    return results
+
+
+def comparison_lines(ablation: Ablation, configurations: list[Configuration]) -> list[str]:
+    found = comparisons(ablation, configurations)
+    if not found:
+        return []
+    which = "test " if ablation.reported == "test_metric" else ""
+    lines = [f"## Comparisons ({which}{ablation.metric_name}, Welch's t test, 95% intervals)", "",
+             "| setting | b - a | difference | 95% interval | p | verdict |", "|---|---|---|---|---|---|"]
+    for item in found:
+        r = item["result"]
+        setting = ", ".join(f"{k.removeprefix('task_args.')}={format_value(v)}" for k, v in item["setting"].items()) or "-"
+        lines.append(f"| {setting} | {item['b']} - {item['a']} | {r.difference:+.3f} | "
+                     f"[{r.low:+.3f}, {r.high:+.3f}] | {r.p_value:.3f} | {item['verdict']} |")
+    return lines + ["", "p: two-sided, Welch's unequal-variance t test over seeds; no correction for multiple "
+                        "comparisons. Seeds share their data streams and initial weights across the compared "
+                        "values, which this unpaired test ignores (it is conservative for that).", ""]
 
 
 def summary_markdown(ablation: Ablation, root: Path) -> str:
     configurations = group(ablation)
     statuses = [row["status"] for row in ablation.rows]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
-    metric = ablation.metric_name
-    direction = "higher" if ablation.higher_is_better else "lower"
+    metric = " and ".join(f"{name} ({'higher' if higher else 'lower'} is better)"
+                          for name, higher in ablation.metrics.items())
     lines = [f"# Ablation `{ablation.name}`", ""]
     if ablation.description:
         lines += [ablation.description, ""]
-    lines += [f"{len(ablation.rows)} runs: {counts}. Final {metric} ({direction} is better) and loss are the "
-              "mean ± standard deviation over the seeds that finished.", ""]
+    if ablation.reported == "test_metric":
+        what = (f"Reported: {metric} on the test stream at the end of training, mean ± "
+                "standard deviation and 95% t interval over the seeds that finished; "
+                + (f"the best {ablation.select_best} was chosen on the valid stream." if ablation.select_best
+                   else "valid is the stream evaluated during training."))
+    else:
+        what = (f"Reported: final {metric} on held-out batches (these runs predate the "
+                "separate test stream), mean ± standard deviation and 95% t interval over the seeds that finished.")
+    lines += [f"{len(ablation.rows)} runs: {counts}. {what}", ""]
     finished = [row for row in ablation.rows if row["status"] == "ok"]
     if finished:
         where = ", ".join(sorted({f"{row['device']} with {row['impl']}" for row in finished}))
         machine = f" ({ablation.machine})" if ablation.machine else ""
         total = format_duration(sum(float(row["wall_seconds"]) for row in finished))
         lines += [f"Runs on {where}{machine}; {total} of training summed over runs.", ""]
+    reported = select_best(ablation, configurations) if ablation.select_best else configurations
     if ablation.select_best:
-        lines += [f"## Best {ablation.select_best} per configuration (by mean final {metric})", ""]
-        lines += _markdown_table(ablation, select_best(ablation, configurations), ablation.select_best) + [""]
+        lines += [f"## Best {ablation.select_best} per configuration (chosen on valid {ablation.metric_name}, reported on test)", ""]
+        lines += _markdown_table(ablation, reported, ablation.select_best) + [""]
+    lines += spread_lines(ablation, reported)
+    lines += comparison_lines(ablation, reported)
+    if ablation.select_best:
         lines += ["## Every configuration", ""]
     lines += _markdown_table(ablation, configurations) + [""]
     unfinished = [row for row in ablation.rows if row["status"] != "ok"]
@@ -257,7 +393,8 @@ def summary_markdown(ablation: Ablation, root: Path) -> str:
 
 
 def plot_png(ablation: Ablation) -> bytes | None:
-    """summary.png: the metric against ``plot_x`` (one line per setting of the other axes, one panel per task)."""
+    """summary.png: the reported metric against ``plot_x`` (one line per setting of the other axes, one panel per
+    task), each point the mean over seeds with its 95% interval, and each seed as a faint dot."""
     try:
         import matplotlib
     except ImportError:
@@ -269,7 +406,8 @@ def plot_png(ablation: Ablation) -> bytes | None:
     configurations = group(ablation)
     if ablation.select_best:
         configurations = select_best(ablation, configurations)
-    configurations = [c for c in configurations if c.mean("final_metric") is not None]
+    key = ablation.reported
+    configurations = [c for c in configurations if c.mean(key) is not None]
     if not configurations or not ablation.axes:
         return None
     x_axis = ablation.plot_x or ("rule" if "rule" in ablation.axes else ablation.axes[0])
@@ -297,18 +435,36 @@ def plot_png(ablation: Ablation) -> bytes | None:
             if not members:
                 continue
             # Categories: shift each line a little sideways so that error bars at one category do not overlap.
-            xs = [c.axes[x_axis] if numeric else x_values.index(c.axes[x_axis]) + 0.08 * (index - (len(labels) - 1) / 2)
-                  for c in members]
-            ax.errorbar(xs, [c.mean("final_metric") for c in members], yerr=[c.std("final_metric") for c in members],
+            if ablation.plot_x_values:
+                xs = [c.mean(ablation.plot_x_values) for c in members]
+            else:
+                xs = [c.axes[x_axis] if numeric else x_values.index(c.axes[x_axis]) + 0.08 * (index - (len(labels) - 1) / 2)
+                      for c in members]
+            half = [0.0 if math.isnan(c.half_width(key)) else c.half_width(key) for c in members]
+            ax.errorbar(xs, [c.mean(key) for c in members], yerr=half,
                         color=f"C{index % 10}", marker="o", capsize=3, linestyle="-" if numeric else "none",
                         label=name or None)
-        if numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
+            for x, c in zip(xs, members):
+                seeds = c.values(key)
+                ax.scatter([x] * len(seeds), seeds, color=f"C{index % 10}", s=14, alpha=0.5, linewidths=0)
+        seeds = [v for c in in_panel for v in c.values(key)]
+        if seeds and 0 <= min(seeds) and max(seeds) <= 1:
+            # A fraction (accuracy): a t interval of 2-3 seeds that split can reach past [0, 1]; keep the axis there.
+            ax.set_ylim(-0.03, 1.03)
+        if ablation.plot_x_values:
+            ax.set_xscale("log", base=2)
+        elif numeric and min(x_values) > 0 and max(x_values) / min(x_values) >= 8:
             ax.set_xscale("log", base=2)
         if not numeric:
             ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values], rotation=30, ha="right")
-        ax.set_xlabel(x_axis.removeprefix("task_args."))
-        best = f", best {ablation.select_best}" if ablation.select_best else ""
-        ax.set_ylabel(f"final {ablation.metric_name} (mean ± std over seeds{best})")
+        x_label = x_axis.removeprefix("task_args.")
+        if ablation.plot_x_values:
+            x_label = f"{ablation.plot_x_values.replace('_', ' ')} (floats; points are {x_label} values)"
+        ax.set_xlabel(x_label)
+        best = f", best {ablation.select_best} on valid" if ablation.select_best else ""
+        which = "test " if key == "test_metric" else "final "
+        panel_metric = in_panel[0].metric_name if in_panel else ablation.metric_name
+        ax.set_ylabel(f"{which}{panel_metric} (mean, 95% interval, seeds{best})")
         ax.set_title(f"{ablation.name}" + (f": {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
     if series_axes:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config
 from sandbox.errors import fail
-from sandbox.layer import resolve_impl, triton_works
+from sandbox.layer import DECAY_INITS, resolve_impl, triton_works
 from sandbox.model import LanguageModel
 from sandbox.provenance import collect as collect_provenance
 from sandbox.rules.rule import TRITON_MISSING, triton_installed
@@ -178,7 +178,8 @@ def build_model(config: RunConfig, task: Task, impl: str) -> LanguageModel:
     return LanguageModel(task.vocab_size, config.rule, config.d_model, config.layers, config.heads,
                          short_conv=config.short_conv, stability_constraint=config.stability_constraint,
                          min_log_mu=config.min_log_mu, chunk_size=config.chunk_size,
-                         impl=impl)
+                         impl=impl, decay_init=config.decay_init, momentum_init=config.momentum_init,
+                         allow_neg_eigval=config.allow_neg_eigval)
 
 
 def resolve_task(config: RunConfig) -> tuple[RunConfig, Task]:
@@ -582,6 +583,9 @@ def run_command(
     short_conv: Annotated[Optional[bool], typer.Option("--short-conv/--no-short-conv", help="Causal conv4 + SiLU on q, k, v (default on).")] = None,
     stability_constraint: Annotated[Optional[bool], typer.Option("--stability-constraint/--no-stability-constraint", help="MDN stability constraint, momentum rules (default on).")] = None,
     min_log_mu: Annotated[Optional[float], typer.Option(help=f"Floor of log(mu), the momentum decay (default {DEFAULTS.min_log_mu}).")] = None,
+    decay_init: Annotated[Optional[str], typer.Option(help=f"Init of the decay alpha: {', '.join(DECAY_INITS)} (default {DEFAULTS.decay_init}).")] = None,
+    momentum_init: Annotated[Optional[str], typer.Option(help=f"Init of the momentum decay mu: {', '.join(DECAY_INITS)} (default {DEFAULTS.momentum_init}).")] = None,
+    allow_neg_eigval: Annotated[Optional[bool], typer.Option("--allow-neg-eigval/--no-allow-neg-eigval", help="Delta rules: beta in (0, 2), transition eigenvalues down to -1 (default off).")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help=f"Evaluate every N steps and at the end (default {DEFAULTS.eval_every}).")] = None,
     eval_batches: Annotated[Optional[int], typer.Option(help=f"Held-out batches per evaluation (default {DEFAULTS.eval_batches}).")] = None,
     log_every: Annotated[Optional[int], typer.Option(help=f"Log train metrics every N steps (default {DEFAULTS.log_every}).")] = None,

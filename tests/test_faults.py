@@ -301,7 +301,7 @@ def test_checkpoint_without_a_key_is_one_line(tmp_path):
 # --- finding 4: resume checks config.toml against the checkpoint ----------------------------------------
 
 @pytest.mark.parametrize("edit, named", [
-    (("lr = 0.003", "lr = 0.01"), "lr (checkpoint 0.003, config.toml 0.01)"),
+    (("lr = 0.005", "lr = 0.01"), "lr (checkpoint 0.005, config.toml 0.01)"),
     (("num_kv_pairs = 2", "num_kv_pairs = 3"), "task_args.num_kv_pairs (checkpoint 2, config.toml 3)"),
 ])
 def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path, edit, named):

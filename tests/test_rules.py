@@ -262,3 +262,14 @@ def test_cli_lists_the_six_rules() -> None:
     lines = result.output.strip().splitlines()
     assert [line.split()[0] for line in lines] == RULES
     assert "gates: log_alpha, beta, log_mu, eta" in lines[4] and "M_t = m_t M_{t-1}" in lines[4]
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("name", ["delta", "gated_delta", "momentum_delta"])
+def test_chunk_matches_naive_with_beta_near_two(name: str, chunk_size: int) -> None:
+    """allow_neg_eigval: beta in (0, 2), so the transition's eigenvalue along k, 1 - beta, is near -1."""
+    rule = get_rule(name)
+    inputs = make_inputs(rule, T=130, seed=7)
+    g = torch.Generator().manual_seed(8)
+    inputs["gates"]["beta"] = 1.8 + 0.199 * torch.rand(inputs["gates"]["beta"].shape, generator=g, dtype=torch.float64)
+    assert_close_to_reference(rule, inputs, chunk_size=chunk_size)
