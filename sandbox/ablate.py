@@ -33,10 +33,12 @@ one ``[grid]`` give the union of their products, for axes that only mean somethi
 stability constraint only exists for the momentum rules).
 
 Each run is its own ``sandbox run`` subprocess, so the ablation does not depend on the training code's
-internals and ``--jobs N`` is just N subprocesses, spread over the GPUs. By default ``--jobs`` packs several
-runs onto each GPU (``default_jobs``): a tiny run leaves its GPU idle most of its wall time (start-up,
-kernel compilation, evaluation), so a few at a time finish the ablation sooner. The runs end with
-the ablation: killed, it leaves no training behind (see ``end_with_parent``). Layout of an ablation folder
+internals and ``--jobs N`` is just N subprocesses, spread over the GPUs, each with its share of the idle CPU
+cores. By default ``--jobs`` packs several runs onto each GPU (``default_jobs``): a tiny run leaves its GPU
+idle most of its wall time (start-up, kernel compilation, evaluation), so a few at a time finish the ablation
+sooner. ``--backend ray`` starts the same subprocesses inside Ray tasks instead, across the GPUs and machines
+of a Ray cluster (``sandbox/ray_backend.py``). The runs end with the ablation: killed, it leaves no training
+behind (see ``end_with_parent``). Layout of an ablation folder
 (``sandbox.runfolder`` owns its files)::
 
     plan.json            the planned runs (name, configuration, axes); `sandbox report` reads only these runs
@@ -66,16 +68,18 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields
 from itertools import product
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from tqdm import tqdm
 
-from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config
+from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config, resolve_config
 from sandbox.errors import fail
+from sandbox.ray_backend import import_ray, run_on_ray
 from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_summaries
 from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
                                is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
+from sandbox.threads import default_threads, usable_cores
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,6 +92,11 @@ PLOT_X_VALUES = ("state_size", "parameters")   # results that can stand in for p
 RESERVED_KEYS = {"out": "the ablation chooses each run's folder", "seed": "use seeds = [...] at the top level"}
 # Set in the environment of each run: the ablation's pid, so that the run ends when the ablation does.
 PARENT_PID_VARIABLE = "SANDBOX_ABLATE_PID"
+BACKENDS = ("local", "ray")
+# `--dry-run` measures what runs cost here (see ``measure_costs``): a run of PROBE_STEPS steps, whose own
+# tokens/s give the time of a step, and whose time from start to end less its steps gives the start-up
+# (Python, imports, building the model, the first step's warm-up, the final evaluation and checkpoint).
+PROBE_STEPS = 6
 # A rough cost model for `--dry-run`: seconds per run = start-up + steps x (per-step overhead + tokens per
 # step x layers x d_model^2 x seconds per unit), about 80 flops per unit for forward and backward. Once runs
 # of the ablation have finished, the estimate is rescaled by how far off the model was for them.
@@ -335,34 +344,109 @@ def check_resume(run: PlannedRun, folder: Path) -> None:
                              "choose another --out to keep both")
 
 
-def modeled_seconds(config: dict) -> float:
-    """Seconds one run should take according to ROUGH_COST (config: the planned keys, defaults for the rest)."""
+def work_units(config: dict) -> float | None:
+    """Tokens per step x layers x d_model^2, which a step's time is taken proportional to when one measured
+    configuration stands for the others; None if the config's task is invalid (that run will fail at once)."""
     from sandbox.tasks import create_task
 
+    config = {**RunConfig().to_dict(), **config}
+    try:
+        seq_len = create_task(config["task"], config["task_args"], seq_len=config["seq_len"]).seq_len
+    except ValueError:
+        return None
+    return config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
+
+
+def modeled_seconds(config: dict) -> float:
+    """Seconds one run should take according to ROUGH_COST (config: the planned keys, defaults for the rest)."""
     config = {**RunConfig().to_dict(), **config}
     device = config["device"]
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     startup, overhead, per_unit = ROUGH_COST["cpu" if device == "cpu" else "cuda"]
-    try:
-        seq_len = create_task(config["task"], config["task_args"], seq_len=config["seq_len"]).seq_len
-    except ValueError:
+    units = work_units(config)
+    if units is None:
         return startup  # the run will stop at its bad value
-    units = config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
     return startup + config["steps"] * (overhead + units * per_unit)
 
 
-def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int) -> tuple[float, str]:
+def probe_run(config: dict, threads: int) -> tuple[float, dict]:
+    """A `sandbox run` subprocess of ``config`` cut to PROBE_STEPS steps: the seconds it took here from start
+    to end, and its results (whose tokens/s time the steps alone, the first one left out)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = {**RunConfig().to_dict(), **config, "steps": PROBE_STEPS, "warmup_steps": 0,
+                 "eval_every": PROBE_STEPS, "checkpoint_every": PROBE_STEPS}
+        save_config_file(RunConfig(**probe), Path(scratch) / "probe.toml")
+        command = [sys.executable, "-m", "sandbox", "run", "--config", str(Path(scratch) / "probe.toml"),
+                   "--out", str(Path(scratch) / "run")]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ValueError(f"estimate: a {PROBE_STEPS}-step probe run of the first pending configuration failed: {last}")
+        return seconds, read_results(Path(scratch) / "run")
+
+
+@dataclass
+class Costs:
+    """What one run costs here, measured by a probe run of one configuration."""
+
+    startup: float           # seconds outside the training steps: start-up, final evaluation, checkpoint
+    step: float              # seconds per training step of the probed configuration
+    units: float             # its work_units, to scale the step time to other configurations
+    probed: str              # the name of the run whose configuration was probed
+
+    def run_seconds(self, config: dict) -> float:
+        config = {**RunConfig().to_dict(), **config}
+        units = work_units(config)
+        if units is None:
+            return self.startup
+        step = self.step * units / self.units
+        # Evaluations: eval_batches forward passes (about a third of a training step each) every eval_every
+        # steps; the probes included the last one in the start-up.
+        evaluations = max(0, config["steps"] // config["eval_every"] - 1) * config["eval_batches"] * step / 3
+        return self.startup + config["steps"] * step + evaluations
+
+
+def measure_costs(pending: list[PlannedRun], threads: int) -> Costs | None:
+    """Start-up and step cost here, from a probe run of the first pending run with a valid config (None if none)."""
+    def valid(run: PlannedRun) -> bool:
+        try:
+            resolve_config(run.config)
+        except ValueError:
+            return False
+        return work_units(run.config) is not None
+
+    probed = next((run for run in pending if valid(run)), None)
+    if probed is None:
+        return None
+    seconds, results = probe_run(probed.config, threads)
+    config = {**RunConfig().to_dict(), **probed.config}
+    step = config["batch_size"] * results["seq_len"] / results["tokens_per_second"]
+    return Costs(startup=max(seconds - PROBE_STEPS * step, 0.0), step=step, units=work_units(probed.config),
+                 probed=probed.name)
+
+
+def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun, dict]], jobs: int,
+                     costs: Costs | None = None, cores: int | None = None) -> tuple[float, str]:
     """Wall-clock estimate for the pending runs, and what it is based on.
 
     Once runs have finished, each pending run costs the finished runs' median start-up (wall time not spent
     in training steps) plus its steps at the measured cost per step of the finished run most like it (same
-    model and batch shape if there is one, else scaled by the cost model's per-step ratio). Before that,
-    the rough cost model. The sum is shared among ``jobs`` runs at a time.
+    model and batch shape if there is one, else scaled by the cost model's per-step ratio). Before that, the
+    ``costs`` a probe run measured here (``measure_costs``), or without them the rough cost model. The sum is
+    shared among ``jobs`` runs at a time, and on a CPU among at most its ``cores``.
     """
-    share = min(jobs, max(len(pending), 1))
+    share = max(1, min(jobs, max(len(pending), 1), cores or jobs))
     if not finished:
+        if costs is not None:
+            total = sum(costs.run_seconds(run.config) for run in pending)
+            return total / share, (f"measured here: start-up {costs.startup:.1f} s, {costs.step:.3g} s per step "
+                                   f"of {costs.probed}")
         total = sum(modeled_seconds(run.config) for run in pending)
         return total / share, "rough cost model, no run has finished yet"
     measured = []   # (run, seconds per step, start-up seconds)
@@ -501,11 +585,22 @@ def set_aside(folder: Path, root: Path) -> Path:
 
 
 def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int | None = None,
-           dry_run: bool = False) -> Path:
+           dry_run: bool = False, backend: str = "local", address: str | None = None,
+           gpus_per_run: float | None = None) -> Path:
     """Run (or with ``dry_run`` only list) every run of a recipe that has no results yet, then summarise.
-    ``jobs=None``: ``default_jobs``. Raises RunsFailed, after writing the summaries, if any run failed."""
+    ``backend`` "local": ``jobs`` subprocesses at a time (``jobs=None``: ``default_jobs``); "ray": Ray tasks
+    (see sandbox/ray_backend.py). Raises RunsFailed, after writing the summaries, if any run failed."""
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"--jobs: expected a positive integer, got {jobs!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend: expected one of {', '.join(BACKENDS)}, got '{backend}'")
+    if backend == "local" and (address is not None or gpus_per_run is not None):
+        raise ValueError(f"--{'address' if address is not None else 'gpus-per-run'}: only with --backend ray")
+    if backend == "ray":
+        if jobs is not None:
+            raise ValueError("--jobs: with --backend ray the cluster runs as many runs at a time as its GPUs "
+                             "(see --gpus-per-run) or CPUs allow; drop --jobs")
+        import_ray()   # before any folder is made: a missing ray is one line
     recipe = load_recipe(recipe_path)
     runs = plan_runs(recipe)
     root = Path(out) if out is not None else Path("ablations") / recipe.name
@@ -533,14 +628,21 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int | N
           f"{len(finished)} finished, {len(pending)} to run{from_checkpoint}, in {root}")
     if jobs is None:
         jobs, why = default_jobs(pending)
-        print(f"--jobs {jobs} ({why})")
+        if backend == "local":
+            print(f"--jobs {jobs} ({why})")
     if dry_run:
         pending_names = {run.name for run in pending}
         for run in runs:
             state = "resume " if run.name in resumable else "pending" if run.name in pending_names else "done   "
             print(f"  {state}  {run.name}")
-        seconds, basis = estimate_seconds(pending, finished, jobs)
-        print(f"estimate: about {format_duration(seconds)} with --jobs {jobs} ({basis})")
+        import torch
+
+        threads = default_threads(jobs)
+        costs = None if finished else measure_costs(pending, threads)   # finished runs measured it already
+        # On the CPU the runs share its cores; on GPUs each job is taken to run at full speed.
+        cores = jobs if torch.cuda.is_available() else usable_cores()
+        seconds, basis = estimate_seconds(pending, finished, jobs, costs, cores)
+        print(f"estimate: about {format_duration(seconds)} with --jobs {jobs}, {threads} thread(s) each ({basis})")
         return root
 
     import torch
@@ -553,7 +655,8 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int | N
         raise ValueError(f"--out: cannot create the folder {root} ({error.strerror})") from None
     lock = FolderLock(root, "--out", "running an ablation in")
     try:
-        failed = _run_pending(recipe, runs, pending, resumable, root, jobs, gpus, machine)
+        failed = _run_pending(recipe, runs, pending, resumable, root, jobs, gpus, machine,
+                              (address, gpus_per_run) if backend == "ray" else None)
     finally:
         lock.release()
     if failed:
@@ -563,8 +666,9 @@ def ablate(recipe_path: str | Path, out: str | Path | None = None, jobs: int | N
 
 
 def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRun], resumable: dict[str, Path],
-                 root: Path, jobs: int, gpus: int, machine: str) -> int:
-    """Write the plan and run configs, run the pending runs, write the summaries; returns how many failed."""
+                 root: Path, jobs: int, gpus: int, machine: str, ray: tuple[str | None, float | None] | None) -> int:
+    """Write the plan and run configs, run the pending runs (through Ray when ``ray`` is its address and GPU
+    share), write the summaries; returns how many failed."""
     try:
         plan = {"recipe": recipe.name, "description": recipe.description, "axes": recipe.axes,
                 "select_best": recipe.select_best, "plot_x": recipe.plot_x,
@@ -584,43 +688,63 @@ def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRu
     except ValueError as error:
         raise ValueError(f"--out: {error}") from None
 
-    # Parallel runs share the CPU cores; more threads than cores makes small models many times slower.
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else None
+    def arguments(run: PlannedRun) -> list[str]:
+        folder = ablation_run_folder(root, run.name).resolve()
+        if run.name in resumable:
+            return ["--resume", str(folder)]
+        return ["--config", str((root / "configs" / f"{run.name}.toml").resolve()), "--out", str(folder)]
+
+    def log(run: PlannedRun) -> Path:
+        return (root / "logs" / f"{run.name}.log").resolve()
+
+    failed = 0
+    with tqdm(total=len(runs), initial=len(runs) - len(pending), desc=f"ablate {recipe.name}", unit="run") as bar:
+        def finished(code: int) -> None:
+            nonlocal failed
+            failed += code != 0
+            bar.set_postfix(failed=failed)
+            bar.update()
+
+        try:
+            if ray is not None:
+                address, gpus_per_run = ray
+                run_on_ray([(arguments(run), log(run)) for run in pending], launch_run, address=address,
+                           gpus_per_run=gpus_per_run, on_finished=finished)
+            else:
+                _run_locally(pending, arguments, log, jobs, gpus, finished)
+        finally:
+            write_summaries(root)
+    return failed
+
+
+def _run_locally(pending: list[PlannedRun], arguments: Callable[[PlannedRun], list[str]],
+                 log: Callable[[PlannedRun], Path], jobs: int, gpus: int, finished: Callable[[int], None]) -> None:
+    """``jobs`` runs at a time as subprocesses of this one, spread over the GPUs; ``finished(code)`` as each ends."""
+    # Parallel runs share the CPU cores: each gets its share of the idle ones (more threads than cores makes
+    # small models many times slower).
+    threads = default_threads(jobs)
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
 
     def run_one(run: PlannedRun) -> int:
         slot = slots.get()
-        folder = ablation_run_folder(root, run.name).resolve()
-        if run.name in resumable:
-            arguments = ["--resume", str(folder)]
-        else:
-            arguments = ["--config", str((root / "configs" / f"{run.name}.toml").resolve()), "--out", str(folder)]
         # Spread runs over the GPUs, unless the config names one itself (cuda:N).
         gpu = slot % gpus if gpus > 1 and run.config.get("device", "auto") in ("auto", "cuda") else None
         try:
-            return launch_run(arguments, root / "logs" / f"{run.name}.log", gpu, threads)
+            return launch_run(arguments(run), log(run), gpu, threads)
         finally:
             slots.put(slot)
 
-    failed = 0
-    with tqdm(total=len(runs), initial=len(runs) - len(pending), desc=f"ablate {recipe.name}", unit="run") as bar:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_one, run) for run in pending]
         try:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(run_one, run) for run in pending]
-                try:
-                    for future in as_completed(futures):
-                        failed += future.result() != 0
-                        bar.set_postfix(failed=failed)
-                        bar.update()
-                except BaseException:  # Ctrl-C: start no further runs (the running ones get the signal too)
-                    for future in futures:
-                        future.cancel()
-                    raise
-        finally:
-            write_summaries(root)
-    return failed
+            for future in as_completed(futures):
+                finished(future.result())
+        except BaseException:  # Ctrl-C: start no further runs (the running ones get the signal too)
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def ablate_command(
@@ -630,11 +754,14 @@ def ablate_command(
     jobs: Annotated[Optional[int], typer.Option(help="Runs at a time, spread over the GPUs (default: one on a CPU; "
                                                 "with GPUs, up to 4 per GPU as free memory and CPU cores allow).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
+    backend: Annotated[str, typer.Option(help="local (subprocesses of this command) or ray (Ray tasks, pip install -e '.[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --backend ray: the cluster to join (HOST:6379, or auto); default: start a Ray on this machine.")] = None,
+    gpus_per_run: Annotated[Optional[float], typer.Option(help="With --backend ray: GPUs each run reserves, e.g. 0.5 for two runs per GPU (default 1 if the cluster has GPUs, else 0).")] = None,
 ) -> None:
     """Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png.
     Exits with code 1 if any run failed (the summaries are written all the same)."""
     try:
-        ablate(recipe, out, jobs, dry_run)
+        ablate(recipe, out, jobs, dry_run, backend, address, gpus_per_run)
     except ValueError as error:
         fail(str(error))
     except RunsFailed as error:

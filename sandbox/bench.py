@@ -4,7 +4,7 @@ Implementations compared, all on the same random inputs per (shape, rule):
 
     naive   the per-token loop (``rule.naive``), only for short sequences: it launches kernels per token
     chunk   the chunkwise PyTorch form (``rule.chunk``)
-    triton  the Triton kernels (``rule.triton``), CUDA only
+    triton  the Triton kernels (``rule.triton``): CUDA, or the CPU under ``TRITON_INTERPRET=1`` (slow)
     fla     the matching function of flash-linear-attention (fla) 0.6.0, when ``fla`` is importable
 
 Timing on CUDA is the median of ``triton.testing.do_bench`` after a warm-up call (which also compiles and
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -39,7 +40,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sandbox.errors import fail
+from sandbox.provenance import cpu_name, distribution_version
 from sandbox.rules import Rule, get_rule, list_rules
+from sandbox.rules.rule import TRITON_MISSING, triton_installed
 from sandbox.runfolder import write_text_atomically
 
 IMPLS = ("naive", "chunk", "triton", "fla")
@@ -183,7 +186,11 @@ def fla_call(fla, rule_name: str) -> Callable[..., Tensor] | None:
 def skip_reason(rule: Rule, impl: str, shape: Shape, device: torch.device, fla, naive_max_t: int) -> str | None:
     if impl == "naive" and shape.T > naive_max_t:
         return f"T > {naive_max_t}: the per-token loop is too slow (--naive-max-t)"
-    if impl in ("triton", "fla") and device.type != "cuda":
+    if impl == "triton" and not triton_installed():
+        return TRITON_MISSING
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels in the (slow) interpreter on the CPU"
+    if impl == "fla" and device.type != "cuda":
         return "needs a CUDA GPU"
     if impl == "fla" and fla is None:
         return "fla is not installed"
@@ -341,13 +348,11 @@ def format_table(results: list[CaseResult]) -> str:
 
 
 def environment(device: torch.device, fla) -> dict:
-    import triton
-
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton.__version__,
+        "triton": distribution_version("triton"),
         "fla": getattr(fla, "__version__", None) if fla is not None else None,
         "python": platform.python_version(),
     }

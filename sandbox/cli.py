@@ -7,25 +7,58 @@ into the same one line by ``cli_main``, the console entry point.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 try:
     from typer._click.exceptions import UsageError  # typer >= 0.29 vendors click
 except ImportError:
     from click.exceptions import UsageError
 
-from sandbox.ablate import PARENT_PID_VARIABLE, ablate_command, end_with_parent
-from sandbox.bench import bench_command
-from sandbox.doctor import doctor_command
-from sandbox.report import compare_command, report_command
-from sandbox.rules import get_rule, list_rules
-from sandbox.tasks.command import tasks_command
-from sandbox.train import run_command
+from sandbox.ablate import PARENT_PID_VARIABLE, end_with_parent
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Every command: (module, function, one-line help). A command's module is imported only when that command
+# runs or shows its help, so `sandbox --help`, `rules`, and the commands that only read folders start
+# without importing torch (`tasks` still does: the task modules import it at their top).
+COMMANDS = {
+    "run": ("sandbox.train", "run_command", "Train a small model with one update rule on a task; results land in a new run folder."),
+    "ablate": ("sandbox.ablate", "ablate_command", "Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png."),
+    "report": ("sandbox.report", "report_command", "Rebuild summary.csv, summary.md and summary.png of an ablation folder from its finished runs."),
+    "compare": ("sandbox.report", "compare_command", "Print what differs between two run folders, or between two ablation folders."),
+    "plot": ("sandbox.plot", "plot_command", "Plot loss and metric curves (training and held-out) of runs and ablations, overlaid, seeds as a band."),
+    "bench": ("sandbox.bench", "bench_command", "Time forward and forward+backward, and peak memory, of the rules' implementations (and fla's)."),
+    "rules": ("sandbox.cli", "rules_command", "List the update rules with their gates and recurrence, one line each."),
+    "tasks": ("sandbox.tasks.command", "tasks_command", "List the tasks: name, metric, one-line description, parameters with defaults."),
+    "doctor": ("sandbox.doctor", "doctor_command", "Report Python, torch, Triton and GPU, and whether the Triton kernels run here."),
+}
+
+
+class LazyCommands(TyperGroup):
+    """The command group: lists the commands from ``COMMANDS`` and builds one only when it is asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name: str):
+        if name not in COMMANDS:
+            return None
+        module, function, _ = COMMANDS[name]
+        single = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+        single.command(name)(getattr(importlib.import_module(module), function))
+        return typer.main.get_command(single)
+
+    def format_commands(self, ctx, formatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short_help) for name, (_, _, short_help) in COMMANDS.items()])
+
+
+# Plain help (no rich panels): it starts faster and shows no type after a flag that takes no value.
+app = typer.Typer(cls=LazyCommands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Understand and compare linear-attention update rules: train, ablate, benchmark.")
 
 
@@ -34,9 +67,10 @@ def main() -> None:
     """Understand and compare linear-attention update rules: train, ablate, benchmark."""
 
 
-@app.command("rules")
 def rules_command() -> None:
     """List the update rules with their gates and recurrence, one line each."""
+    from sandbox.rules import get_rule, list_rules
+
     names = list_rules()
     width = max(len(n) for n in names)
     gate_width = max(len(", ".join(get_rule(n).gates) or "-") for n in names)
@@ -44,19 +78,6 @@ def rules_command() -> None:
         rule = get_rule(name)
         gates = ", ".join(rule.gates) or "-"
         typer.echo(f"{name:<{width}}  gates: {gates:<{gate_width}}  {rule.recurrence}")
-
-
-app.command("bench")(bench_command)
-
-
-app.command("tasks")(tasks_command)
-
-
-app.command("ablate")(ablate_command)
-app.command("report")(report_command)
-app.command("compare")(compare_command)
-app.command("run")(run_command)
-app.command("doctor")(doctor_command)
 
 
 def cli_main() -> None:

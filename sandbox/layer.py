@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.rules import Rule, State
+from sandbox.rules.rule import TRITON_MISSING
 
 CONV_SIZE = 4
 
@@ -77,6 +78,8 @@ def triton_works(device: torch.device, chunk_size: int = 64, rule_name: str = "m
     try:
         got = outputs_and_gradients(functools.partial(triton_rule, rule))
     except Exception as error:  # any failure (import, compile, launch) means "use the chunk form"
+        if isinstance(error, ModuleNotFoundError) and error.name == "triton":
+            return False, TRITON_MISSING
         first_line = (str(error).strip().splitlines() or [""])[0]
         return False, f"{type(error).__name__}: {first_line}"[:200]
     want = outputs_and_gradients(rule.chunk)

@@ -506,7 +506,8 @@ def write_summaries(root: str | Path) -> Ablation:
 
 def _load_run(argument: str, folder: Path) -> tuple[dict, dict]:
     if not (folder / "config.toml").is_file():
-        raise ValueError(f"{argument}: {folder} is not a run folder (expected config.toml written by `sandbox run`)")
+        raise ValueError(f"{argument}: {folder} is not a run folder (expected config.toml written by `sandbox run`); "
+                         "to compare ablations, give two ablation folders (with plan.json)")
     return flatten(read_run_config(folder)), read_results(folder) or {}
 
 
@@ -521,8 +522,8 @@ def _difference(a: object, b: object) -> str:
 
 def compare(run_a: str | Path, run_b: str | Path) -> str:
     """The config keys and results that differ between two run folders, as aligned text."""
-    config_a, results_a = _load_run("RUN_A", Path(run_a))
-    config_b, results_b = _load_run("RUN_B", Path(run_b))
+    config_a, results_a = _load_run("A", Path(run_a))
+    config_b, results_b = _load_run("B", Path(run_b))
     missing = "(unset)"
     config_keys = [k for k in dict.fromkeys([*config_a, *config_b]) if k != "out"]
     different = [k for k in config_keys if config_a.get(k, missing) != config_b.get(k, missing)]
@@ -541,9 +542,79 @@ def compare(run_a: str | Path, run_b: str | Path) -> str:
         if key == "final_metric" and results_a.get("metric_name") == results_b.get("metric_name"):
             key = f"final_metric ({results_a['metric_name']})"
         rows.append((key, _cell(a), _cell(b), _difference(a, b)))
+    rows.append(("", "", "", ""))
+    rows += _provenance_rows([results_a.get("provenance")], [results_b.get("provenance")])
+    return _align(rows)
+
+
+def _align(rows: list[tuple[str, str, str, str]]) -> str:
+    """Rows as columns; a row whose first cell is in parentheses is a note, printed as it is."""
     widths = [max(len(row[i]) for row in rows if not row[0].startswith("(")) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
                      if not r[0].startswith("(") else r[0] for r in rows)
+
+
+def _provenance_rows(records_a: list[dict | None], records_b: list[dict | None]) -> list[tuple[str, str, str, str]]:
+    """Where A and B came from (results.json's provenance, see sandbox/provenance.py): the entries that differ.
+
+    Each side may be several runs (an ablation): a value shared by all its runs is shown as it is, otherwise
+    as the distinct values joined by " / "."""
+    def values(records: list[dict | None], key: str) -> str:
+        distinct = dict.fromkeys(format_value(record.get(key)) for record in records if record)
+        return " / ".join(distinct) or "(unknown)"
+
+    known_a, known_b = [r for r in records_a if r], [r for r in records_b if r]
+    if not known_a or not known_b:
+        side = "A" if not known_a else "B"
+        return [(f"(no provenance in {side}: made before sandbox recorded it)", "", "", "")]
+    keys = list(dict.fromkeys(key for record in known_a + known_b for key in record))
+    different = [key for key in keys if values(known_a, key) != values(known_b, key)]
+    rows = [("provenance", "A", "B", "")]
+    rows += [(key, values(known_a, key), values(known_b, key), "") for key in different]
+    rows.append((f"({len(keys) - len(different)} other provenance entries are equal)", "", "", ""))
+    return rows
+
+
+def compare_ablations(root_a: str | Path, root_b: str | Path) -> str:
+    """Per configuration (matched by its axes), the mean final metric and speed of two ablation folders, and
+    what differs in where their runs came from."""
+    ablations = [load_ablation(root_a), load_ablation(root_b)]
+    axes = list(dict.fromkeys(ablations[0].axes + ablations[1].axes))
+    metric = ablations[0].metric_name if ablations[0].metric_name == ablations[1].metric_name else "metric"
+    by_axes: list[dict[str, Configuration]] = []
+    for ablation in ablations:
+        for row in ablation.rows:
+            row.update({axis: row.get(axis, "") for axis in axes})
+        ablation.axes = axes
+        by_axes.append({json.dumps(c.axes, sort_keys=True, default=str): c for c in group(ablation)})
+    rows = [(f"A: {ablations[0].name}, {_ok_runs(ablations[0])}; B: {ablations[1].name}, {_ok_runs(ablations[1])}",
+             "", "", ""), ("", "", "", ""),
+            (f"configuration: final {metric}, mean ± std (seeds)", "A", "B", "B - A")]
+    for key in dict.fromkeys([*by_axes[0], *by_axes[1]]):
+        a, b = by_axes[0].get(key), by_axes[1].get(key)
+        label = ", ".join(f"{axis.removeprefix('task_args.')}={format_value(value)}"
+                          for axis, value in json.loads(key).items()) or "(all runs)"
+        means = [c.mean("final_metric") if c else None for c in (a, b)]
+        cells = [f"{_mean_std(c, 'final_metric')} ({c.finished})" if c else "(not in it)" for c in (a, b)]
+        difference = f"{means[1] - means[0]:+.4g}" if None not in means else ""
+        rows.append((label, cells[0], cells[1], difference))
+    rows.append(("", "", "", ""))
+    rows.append(("tokens/s, mean over runs", _number(_mean_over(ablations[0], "tokens_per_second"), 0),
+                 _number(_mean_over(ablations[1], "tokens_per_second"), 0), ""))
+    rows.append(("", "", "", ""))
+    rows += _provenance_rows(*[[(read_results(Path(root) / row["folder"]) or {}).get("provenance")
+                                for row in ablation.rows if row["status"] == "ok"]
+                               for root, ablation in zip((root_a, root_b), ablations)])
+    return _align(rows)
+
+
+def _ok_runs(ablation: Ablation) -> str:
+    return f"{sum(row['status'] == 'ok' for row in ablation.rows)}/{len(ablation.rows)} runs finished"
+
+
+def _mean_over(ablation: Ablation, key: str) -> float | None:
+    values = [float(row[key]) for row in ablation.rows if row["status"] == "ok" and row[key] != ""]
+    return statistics.fmean(values) if values else None
 
 
 def _cell(value: object) -> str:
@@ -563,11 +634,14 @@ def report_command(
 
 
 def compare_command(
-    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A run folder (holding config.toml).")],
-    run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="Another run folder.")],
+    folder_a: Annotated[Path, typer.Argument(metavar="A", help="A run folder, or an ablation folder.")],
+    folder_b: Annotated[Path, typer.Argument(metavar="B", help="Another run folder, or another ablation folder.")],
 ) -> None:
-    """Print the config keys and results that differ between two run folders."""
+    """Print what differs between two run folders, or between two ablation folders."""
     try:
-        typer.echo(compare(run_a, run_b))
+        if read_plan(folder_a) is not None and read_plan(folder_b) is not None:
+            typer.echo(compare_ablations(folder_a, folder_b))
+        else:
+            typer.echo(compare(folder_a, folder_b))
     except ValueError as error:
         fail(str(error))

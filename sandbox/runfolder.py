@@ -29,11 +29,12 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from sandbox.config import RunConfig, config_to_toml, flatten, load_config
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -256,12 +257,35 @@ class RunFolder:
         records = [r for r in self.read_metrics() if r["step"] <= step]
         write_text_atomically(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
+    # TensorBoard events
+    def keep_events_until(self, step: int) -> None:
+        """Drop the events after ``step`` from the event files, as ``keep_metrics_until`` does for the metrics
+        (TensorBoard's fast loader ignores the writer's purge_step and would show those steps twice)."""
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        for path in self.path.glob("events.out.tfevents.*"):
+            records = list(RawEventFileLoader(str(path)).Load())
+            kept = [record for record in records if Event.FromString(record).step <= step]
+            if len(kept) == len(records):
+                continue
+
+            def write_kept(f: BinaryIO, kept: list[bytes] = kept) -> None:
+                writer = RecordWriter(f)
+                for record in kept:
+                    writer.write(record)
+
+            write_atomically(path, write_kept)
+
     # results
     def write_results(self, results: dict[str, Any]) -> None:
         write_text_atomically(self.path / RESULTS, json.dumps(results, indent=2) + "\n")
 
     # checkpoint
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        import torch   # here, not at the top: the commands that only read folders start without torch
+
         try:
             write_atomically(self.path / CHECKPOINT, lambda f: torch.save(state, f))
         except ValueError as error:
@@ -273,6 +297,8 @@ class RunFolder:
         path = self.path / CHECKPOINT
         if not path.is_file():
             raise ValueError(f"resume: no {CHECKPOINT} in '{self.path}' (the run stopped before its first checkpoint)")
+        import torch
+
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as error:   # truncated or foreign file: the user's input problem, not a crash

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,9 +39,12 @@ from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config
 from sandbox.errors import fail
 from sandbox.layer import DECAY_INITS, resolve_impl, triton_works
 from sandbox.model import LanguageModel
+from sandbox.provenance import collect as collect_provenance
+from sandbox.rules.rule import TRITON_MISSING, triton_installed
 from sandbox.runfolder import CHECKPOINT, CONFIG, RunFolder, config_differences, is_run_folder
 from sandbox.tasks import create_task
 from sandbox.tasks.base import Task, split_generator
+from sandbox.threads import default_threads, use_threads
 
 BLOCK_TOKENS = 2**18    # training tokens generated (on the CPU) and copied to the device at a time
 CAPTURE_AFTER = 3       # eager steps before a CUDA-graph capture: kernels compile and caches fill outside it
@@ -76,12 +80,17 @@ def choose_impl(config: RunConfig, device: torch.device, seq_len: int) -> str:
     kernels it compiles are the ones the training steps use.
     """
     if config.rule == ATTENTION:
+        if config.impl != "auto":
+            raise ValueError(f"impl: '{config.impl}' is an implementation of the update rules; the attention "
+                             "baseline always runs PyTorch's scaled_dot_product_attention (use --impl auto)")
         return "sdpa"
     self_test = {"rule_name": config.rule, "shape": (1, seq_len, config.heads, config.d_model // config.heads),
                  "dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
     if config.impl == "triton":
         if config.chunk_size not in (16, 32, 64):
             raise ValueError(f"chunk_size: the triton kernels take 16, 32 or 64, got {config.chunk_size}")
+        if not triton_installed():
+            raise ValueError(f"impl: {TRITON_MISSING}; use --impl chunk")
         works, reason = triton_works(device, config.chunk_size, **self_test)
         if not works:
             raise ValueError(f"impl: the triton kernels do not run on {device} here ({reason}); "
@@ -235,7 +244,7 @@ class Trainer:
             self._load_checkpoint()
         from torch.utils.tensorboard import SummaryWriter   # imported late: it is slow to import
 
-        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.step + 1 if resume else None)
+        self.writer = SummaryWriter(log_dir=str(self.folder))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -269,7 +278,9 @@ class Trainer:
         self.step, self.train_seconds, self.wall_seconds = state["step"], state["train_seconds"], state["wall_seconds"]
         self.timed_steps = state.get("timed_steps", self.step)   # checkpoints of earlier versions lack it
         self.checkpoint_step = self.unchecked_from = self.step
-        self.run_folder.keep_metrics_until(self.step)   # the interrupted session's later records are recomputed
+        # The interrupted session's later records and TensorBoard events are about to be recomputed.
+        self.run_folder.keep_metrics_until(self.step)
+        self.run_folder.keep_events_until(self.step)
 
     # --- logging ----------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -495,6 +506,7 @@ class Trainer:
             "tokens_per_second": self.timed_steps * self.config.batch_size * self.task.seq_len / self.train_seconds,
             "wall_seconds": self.wall_seconds, "device": str(self.device), "impl": self.impl,
             "compiled": self.forward_loss != self._forward_loss, "cuda_graph": self.graph is not None,
+            "provenance": collect_provenance(self.device, sys.argv),   # of the session that finished the run
         }
         self.run_folder.write_results(results)
         return results
@@ -585,12 +597,16 @@ def run_command(
     out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<rule>-<task>-<time>); an existing one gets a -N suffix.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with these settings; flags override it.")] = None,
     resume_from: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its checkpoint.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the idle cores, or OMP_NUM_THREADS when set).")] = None,
 ) -> None:
     """Train a small model with one update rule on a task; results land in a new run folder."""
     # Only the flags actually given override the config file (typer leaves the others at None).
     given = {name: value for name, value in locals().items()
-             if value is not None and name not in ("task_arg", "config", "resume_from", "fail")}
+             if value is not None and name not in ("task_arg", "config", "resume_from", "threads", "fail")}
     try:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: expected a positive integer, got {threads}")
+        use_threads(threads or default_threads())
         if task_arg:
             given["task_args"] = parse_task_args(task_arg)
         if resume_from is not None:

@@ -204,7 +204,7 @@ def test_tiny_ablation_resume_failure_report_compare(tmp_path):
     result = invoke("compare", run_a, run_b)
     assert result.exit_code == 0 and result.output.strip() == text
     bad = invoke("compare", run_a, tmp_path)
-    assert bad.exit_code == 2 and bad.output.startswith("error: RUN_B")
+    assert bad.exit_code == 2 and bad.output.startswith("error: B:")
 
 
 def test_select_best_per_configuration():

@@ -30,14 +30,22 @@ def test_bench_writes_json_with_every_case(tmp_path):
     assert set(cases) == {(rule, impl) for rule in ("gated_delta", "momentum_delta")
                           for impl in ("naive", "chunk", "triton")}
     for rule in ("gated_delta", "momentum_delta"):
-        for impl in ("naive", "chunk"):
+        for impl in ("naive", "chunk", "triton"):   # triton in the interpreter: conftest sets TRITON_INTERPRET=1
             case = cases[(rule, impl)]
             assert case["status"] == "ok", case
             assert case["shape"] == "2,40,2,8"
             assert case["fwd_ms"] > 0 and case["fwd_bwd_ms"] > 0
             assert case["err_vs_loop"] < 1e-5            # float32 against the float64 loop
-        assert cases[(rule, "triton")]["status"] == "skipped"   # no GPU here
     assert "momentum_delta" in result.output and "err vs loop" in result.output
+
+
+def test_bench_skips_triton_on_the_cpu_without_the_interpreter(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out = tmp_path / "bench.json"
+    result = invoke(*TINY, "--rule", "delta", "--impl", "triton", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["status"] == "skipped" and "TRITON_INTERPRET=1" in case["note"]
 
 
 def test_bench_no_backward_and_long_sequences_skip_the_loop(tmp_path):

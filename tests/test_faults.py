@@ -278,7 +278,7 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_check
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         original(state, f)
 
-    monkeypatch.setattr(runfolder.torch, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)   # runfolder imports torch when saving
     folder = tmp_path / "r"
     line = one_line_error(invoke("run", *TINY, "--out", folder))
     assert line.startswith("error: checkpoint: cannot write") and str(folder / "checkpoint.pt") in line

@@ -7,7 +7,7 @@ then add it to ``_BUILTIN`` below.
 from __future__ import annotations
 
 from . import decay, decay_momentum, delta, gated_delta, linear, momentum_delta
-from .base import ALL_GATES, Rule, State
+from .rule import ALL_GATES, Rule, State
 
 _BUILTIN = (linear.RULE, decay.RULE, delta.RULE, gated_delta.RULE, momentum_delta.RULE, decay_momentum.RULE)
 _REGISTRY: dict[str, Rule] = {rule.name: rule for rule in _BUILTIN}

@@ -1,9 +1,4 @@
-"""The interface every update rule shares, input checking, and the per-token reference loop.
-
-A rule is described by its gates and by one function, ``step``, that advances the state by one token.
-Everything else (the readable loop, the chunkwise PyTorch form, the Triton kernels) is derived from the
-rule's gates and its ``delta`` flag, so the six rules of ``rules.md`` section 1 share one implementation
-of each algorithm.
+"""Input checking and the per-token reference loop, shared by every update rule (``Rule`` is in ``rule.py``).
 
 Conventions (fla layout): ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, gates ``[B, T, H]``, states
 ``[B, H, K, V]``; the readout happens after the update, ``o_t = scale * S_t^T q_t``.
@@ -12,68 +7,13 @@ Conventions (fla layout): ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, gates ``[
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
-State = Union[Tensor, tuple[Tensor, Tensor]]
+from .rule import Rule, State
 
-ALL_GATES = ("log_alpha", "beta", "log_mu", "eta")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One linear-attention update rule.
-
-    name:       registry name, e.g. ``"momentum_delta"``.
-    gates:      the per-token gates it takes, a subset of ``ALL_GATES`` in that order.
-    delta:      whether the update corrects with the state's own prediction (probe key ``p_t = a_t k_t``)
-                rather than accumulating ``k v^T`` blindly (``p_t = 0``).
-    recurrence: one line, in the notation of rules.md.
-    step:       ``step(state, k_t, v_t, **gates_t) -> state``, one token for all (batch, head) pairs;
-                ``k_t: [B, H, K]``, ``v_t: [B, H, V]``, each gate ``[B, H]`` under its own name
-                (``log_alpha`` is the log of the decay, as everywhere else).
-    """
-
-    name: str
-    gates: tuple[str, ...]
-    delta: bool
-    recurrence: str
-    step: Callable[..., State]
-
-    @property
-    def momentum(self) -> bool:
-        """Rules with a momentum gate carry a second state ``M`` next to ``S``."""
-        return "log_mu" in self.gates
-
-    def naive(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-              initial_state: State | None = None, output_final_state: bool = False,
-              **gates: Tensor) -> tuple[Tensor, State | None]:
-        """The per-token loop: the definition every faster form is tested against."""
-        inputs = check_inputs(self, q, k, v, gates, initial_state)
-        return naive_loop(self, inputs, scale, output_final_state)
-
-    def chunk(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-              initial_state: State | None = None, output_final_state: bool = False,
-              chunk_size: int = 64, **gates: Tensor) -> tuple[Tensor, State | None]:
-        """The chunkwise-parallel form of rules.md section 2 in batched PyTorch."""
-        from .chunkwise import chunk_forward
-
-        check_chunk_size(chunk_size, allowed=(8, 16, 32, 64, 128))
-        inputs = check_inputs(self, q, k, v, gates, initial_state)
-        return chunk_forward(self, inputs, scale, output_final_state, chunk_size)
-
-    def triton(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-               initial_state: State | None = None, output_final_state: bool = False,
-               chunk_size: int = 64, **gates: Tensor) -> tuple[Tensor, State | None]:
-        """The chunkwise form as Triton kernels (forward and backward), see ``sandbox/kernels``."""
-        from sandbox.kernels import triton_forward
-
-        check_chunk_size(chunk_size, allowed=(16, 32, 64))
-        inputs = check_inputs(self, q, k, v, gates, initial_state)
-        return triton_forward(self, inputs, scale, output_final_state, chunk_size)
 
 
 @dataclass

@@ -7,9 +7,14 @@
 With ``mu -> 0``, ``eta = 1`` it is ``decay``; it is ``momentum_delta`` with the probe key set to zero.
 """
 
-from torch import Tensor
+from __future__ import annotations
 
-from .base import Rule
+from typing import TYPE_CHECKING
+
+from .rule import Rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def step(state: tuple[Tensor, Tensor], k: Tensor, v: Tensor, log_alpha: Tensor, beta: Tensor,

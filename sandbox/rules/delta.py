@@ -6,14 +6,18 @@
 It is ``gated_delta`` with ``alpha = 1``.
 """
 
-import torch
-from torch import Tensor
+from __future__ import annotations
 
-from .base import Rule
+from typing import TYPE_CHECKING
+
+from .rule import Rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def step(S: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> Tensor:
-    error = v - torch.einsum("bhkv,bhk->bhv", S, k)
+    error = v - (k[..., None, :] @ S)[..., 0, :]   # S^T k as [1, K] @ [K, V] per head
     return S + beta[..., None, None] * k[..., :, None] * error[..., None, :]
 
 

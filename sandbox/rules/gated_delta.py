@@ -6,15 +6,19 @@ One SGD step with weight decay: shrink the state by ``a_t``, then correct it tow
 It is ``momentum_delta`` with ``mu -> 0``, ``eta = 1``.
 """
 
-import torch
-from torch import Tensor
+from __future__ import annotations
 
-from .base import Rule
+from typing import TYPE_CHECKING
+
+from .rule import Rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def step(S: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, beta: Tensor) -> Tensor:
     decayed = log_alpha.exp()[..., None, None] * S
-    error = v - torch.einsum("bhkv,bhk->bhv", decayed, k)
+    error = v - (k[..., None, :] @ decayed)[..., 0, :]   # S^T k as [1, K] @ [K, V] per head
     return decayed + beta[..., None, None] * k[..., :, None] * error[..., None, :]
 
 

@@ -5,9 +5,14 @@
 No gates. It is ``decay`` with ``alpha = beta = 1``.
 """
 
-from torch import Tensor
+from __future__ import annotations
 
-from .base import Rule
+from typing import TYPE_CHECKING
+
+from .rule import Rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def step(S: Tensor, k: Tensor, v: Tensor) -> Tensor:

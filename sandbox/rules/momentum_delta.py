@@ -8,17 +8,21 @@ with ``a = exp(log_alpha)``, ``m = exp(log_mu)``, ``b = beta``, ``e = eta``. The
 With ``mu -> 0``, ``eta = 1`` it is ``gated_delta``. Chunkwise form and stability: rules.md sections 2-3.
 """
 
-import torch
-from torch import Tensor
+from __future__ import annotations
 
-from .base import Rule
+from typing import TYPE_CHECKING
+
+from .rule import Rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def step(state: tuple[Tensor, Tensor], k: Tensor, v: Tensor, log_alpha: Tensor, beta: Tensor,
          log_mu: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
     S, M = state
     alpha = log_alpha.exp()[..., None, None]
-    residual = torch.einsum("bhkv,bhk->bhv", alpha * S, k) - v
+    residual = (k[..., None, :] @ (alpha * S))[..., 0, :] - v   # S^T k as [1, K] @ [K, V] per head
     M = log_mu.exp()[..., None, None] * M + eta[..., None, None] * k[..., :, None] * residual[..., None, :]
     S = alpha * S - beta[..., None, None] * M
     return S, M
