@@ -32,7 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from sandbox.layer import DECAY_INITS, DEFAULT_DECAY_INIT, DEFAULT_MOMENTUM_INIT
+from sandbox.inits import DECAY_INITS, DEFAULT_DECAY_INIT, DEFAULT_MOMENTUM_INIT
 
 ATTENTION = "attention"
 MAX_SEED = 2**63 - 1   # TOML integers are 64-bit signed
@@ -54,7 +54,7 @@ class RunConfig:
     short_conv: bool = True             # causal depthwise conv (kernel 4) + SiLU on q, k, v
     stability_constraint: bool = True   # MDN constraint coupling alpha, beta and eta (momentum rules)
     min_log_mu: float = -2.0            # floor of log(mu): momentum never decays faster than exp(-2) a token
-    decay_init: str = DEFAULT_DECAY_INIT        # init of the decay alpha (sandbox.layer.DECAY_INITS)
+    decay_init: str = DEFAULT_DECAY_INIT        # init of the decay alpha (sandbox.inits.DECAY_INITS)
     momentum_init: str = DEFAULT_MOMENTUM_INIT  # init of the momentum decay mu (same names)
     allow_neg_eigval: bool = False      # delta rules: beta in (0, 2) instead of (0, 1)
     # optimisation

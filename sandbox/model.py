@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.config import ATTENTION
-from sandbox.layer import DEFAULT_DECAY_INIT, DEFAULT_MOMENTUM_INIT, AttentionMixer, MixerState, RuleMixer
+from sandbox.inits import DEFAULT_DECAY_INIT, DEFAULT_MOMENTUM_INIT
+from sandbox.layer import AttentionMixer, MixerState, RuleMixer
 from sandbox.rules import get_rule
 
 

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from sandbox.config import ATTENTION, RunConfig, load_config, resolve_config
 from sandbox.errors import fail
-from sandbox.layer import DECAY_INITS, resolve_impl, triton_works
+from sandbox.inits import DECAY_INITS
+from sandbox.layer import resolve_impl, triton_works
 from sandbox.model import LanguageModel
 from sandbox.provenance import collect as collect_provenance
 from sandbox.rules.rule import TRITON_MISSING, triton_installed

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from sandbox.cli import app
 from sandbox.config import resolve_config
-from sandbox.layer import DECAY_INITS, AttentionMixer, RuleMixer
+from sandbox.inits import DECAY_INITS
+from sandbox.layer import AttentionMixer, RuleMixer
 from sandbox.model import LanguageModel
 from sandbox.rules import get_rule
 
