@@ -106,7 +106,10 @@ ROUGH_COST = {  # device: (start-up s, overhead s/step, s per token x layer x d_
 }
 
 
-RUNS_PER_GPU = 4                  # at most, by default
+# At most, by default. A tiny run spends most of its wall time starting (imports, CUDA context, loading the
+# kernels: ~10 s of one core) and little on the GPU, so many runs per GPU keep it busy; their GPU work is
+# time-sliced between the processes, so beyond the CPU cores more runs buy nothing.
+RUNS_PER_GPU = 12
 RUN_OVERHEAD_BYTES = 2 * 2**30    # one run's CUDA context, kernels and allocator slack, beyond its tensors
 
 

@@ -256,6 +256,6 @@ def test_default_jobs_packs_runs_by_free_gpu_memory_and_cores(monkeypatch):
     jobs, why = default_jobs([])
     assert jobs == 2 * 2 and "2 GPU(s) x 2 runs" in why       # 5 GiB free on the fullest GPU, 2 GiB a run
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (70 * 2**30, 80 * 2**30))
-    assert default_jobs([])[0] == 2 * 4                         # at most RUNS_PER_GPU
+    assert default_jobs([])[0] == 2 * 12                        # at most RUNS_PER_GPU
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert default_jobs([])[0] == 2 * 2                         # no more than the cores
