@@ -22,8 +22,8 @@ except ImportError:
 from sandbox.ablate import PARENT_PID_VARIABLE, end_with_parent
 
 # Every command: (module, function, one-line help). A command's module is imported only when that command
-# runs or shows its help, so `sandbox --help`, `rules`, and the commands that only read folders start
-# without importing torch (`tasks` still does: the task modules import it at their top).
+# runs or shows its help, so `sandbox --help`, `rules`, `tasks` and the commands that only read folders start
+# without importing torch (tests/test_startup.py).
 COMMANDS = {
     "run": ("sandbox.train", "run_command", "Train a small model with one update rule on a task; results land in a new run folder."),
     "ablate": ("sandbox.ablate", "ablate_command", "Run every configuration x seed of a RECIPE (skipping finished runs), then write summary.csv/md/png."),

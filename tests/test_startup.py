@@ -1,4 +1,5 @@
-"""`sandbox --help` and `sandbox rules` start without importing torch (the slow part of starting up: seconds)."""
+"""`sandbox --help`, `sandbox rules`, `sandbox tasks` and the commands' help start without importing torch (the slow
+part of starting up: seconds)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ print(code, "torch" in sys.modules, len(out.getvalue()) > 0)
 """
 
 
-@pytest.mark.parametrize("command", [["--help"], ["rules"], ["compare", "--help"], ["plot", "--help"],
+@pytest.mark.parametrize("command", [["--help"], ["rules"], ["tasks"], ["compare", "--help"], ["plot", "--help"],
                                      ["ablate", "--help"], ["report", "--help"]])
 def test_commands_that_only_list_or_read_folders_do_not_import_torch(command):
     done = subprocess.run([sys.executable, "-c", PROBE, *command], capture_output=True, text=True,

@@ -127,6 +127,14 @@ def test_list_tasks_and_cli():
             assert f"{param}={default}" in result.output
 
 
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_parameter_takes_its_default_given_as_a_string(name):
+    # A parameter's type comes from its annotation's name (int, float, bool or str): see sandbox.tasks._kind.
+    defaults = next(defaults for task, _, defaults, _ in list_tasks() if task == name)
+    task = create_task(name, {param: str(default) for param, default in defaults.items()})
+    assert task.params() == defaults and all(type(task.params()[p]) is type(d) for p, d in defaults.items())
+
 def pairs_of(row, pair_length):
     return [tuple(row[i:i + pair_length].tolist()) for i in range(0, len(row) - pair_length + 1, pair_length)]
 

@@ -1,13 +1,14 @@
 """The registry of tasks: ``create_task(name, args, seq_len)``, ``list_tasks()``, ``TASKS``.
 
 Adding a task: write a ``Task`` dataclass (fields = parameters with defaults, ``generate``, a docstring whose
-first line describes it and which documents the metric), then add it to ``TASKS`` below.
+first line describes it and which documents the metric), then add it to ``TASKS`` below. The task modules
+import torch inside the functions that use it, not at their top, so that ``sandbox tasks`` (which only reads
+the classes: docstrings, fields, metric) starts without importing torch (``tests/test_startup.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 from .base import IGNORE_INDEX, Task
@@ -25,6 +26,21 @@ TASKS: dict[str, type[Task]] = {
 
 def _parameters(task: type[Task]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(task) if f.init}
+
+
+# The types a parameter may have, by name: the task modules use ``from __future__ import annotations``, so a
+# field's type is the string written in its annotation (resolving all annotations, with typing.get_type_hints,
+# would need torch for the tensor-valued fields that are not parameters).
+PARAMETER_TYPES = {kind.__name__: kind for kind in (int, float, bool, str)}
+
+
+def _kind(task: type[Task], f: dataclasses.Field) -> type:
+    if isinstance(f.type, type):
+        return f.type
+    if f.type not in PARAMETER_TYPES:
+        raise TypeError(f"task {task.name}: parameter {f.name!r} has type {f.type!r}, expected one of: "
+                        f"{', '.join(PARAMETER_TYPES)}")
+    return PARAMETER_TYPES[f.type]
 
 
 def _convert(param: str, value: Any, kind: type) -> Any:
@@ -57,13 +73,12 @@ def create_task(name: str, args: dict[str, Any] | None = None, seq_len: int | No
         raise ValueError(f"task: unknown task {name!r}, expected one of: {', '.join(TASKS)}")
     task = TASKS[name]
     parameters = _parameters(task)
-    kinds = typing.get_type_hints(task)
     values = {}
     for param, value in (args or {}).items():
         if param not in parameters:
             raise ValueError(f"task_arg '{param}': not a parameter of task '{name}', "
                              f"expected one of: {', '.join(parameters)}")
-        values[param] = _convert(param, value, kinds[param])
+        values[param] = _convert(param, value, _kind(task, parameters[param]))
     if seq_len is not None:
         seq_len = _convert("seq_len", seq_len, int)
         if values.get("seq_len", seq_len) != seq_len:

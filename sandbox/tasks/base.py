@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:   # for annotations only: functions import torch where they use it, so listing tasks needs no torch
+    import torch
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "valid", "test")
@@ -45,6 +46,7 @@ def split_generator(seed: int, split: str, index: int = 0) -> torch.Generator:
     Each (seed, split, index) gets its own seed, hashed, so the three splits draw from distinct seed domains
     and block ``index`` of a stream can be regenerated on its own (a resumed run restarts mid-stream).
     """
+    import torch
     check_split(split)
     digest = hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
@@ -52,6 +54,7 @@ def split_generator(seed: int, split: str, index: int = 0) -> torch.Generator:
 
 def split_of_examples(inputs: torch.Tensor) -> torch.Tensor:
     """The bucket in ``[0, HASH_BUCKETS)`` of each row of ``inputs`` ``[N, T]``: a fixed hash of its tokens."""
+    import torch
     weights = torch.randint(1, 2**31, (inputs.shape[1],), generator=torch.Generator().manual_seed(HASH_SEED))
     mixed = (inputs * weights).sum(dim=1) * MIX   # int64 arithmetic wraps around: a hash, not a sum
     return torch.remainder(mixed >> 24, HASH_BUCKETS)
@@ -75,6 +78,7 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 def sample_distinct(batch_size: int, count: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` distinct integers from ``[low, high)`` per row, uniformly: LongTensor ``[batch_size, count]``."""
+    import torch
     space = high - low
     if space <= 4096 or 2 * count * count > space:
         # Small range: the ``count`` highest of ``space`` random scores are a uniform draw without replacement.
@@ -107,6 +111,7 @@ class Task(ABC):
         Examples are drawn, and those whose hash puts them in another split are dropped (so about 80% of the
         draws are kept for train, 10% for valid and test); tasks with ``splits_by_data_range`` draw directly.
         """
+        import torch
         check_split(split)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")

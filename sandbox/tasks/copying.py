@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # for annotations only: functions import torch where they use it, so listing tasks needs no torch
+    import torch
 
 from .base import IGNORE_INDEX, Task, check, sample_distinct
 
@@ -38,6 +40,7 @@ class SelectiveCopy(Task):
               f"got seq_len {self.seq_len}")
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         count = self.num_tokens_to_copy
         scatter_length = self.seq_len - count
         content = torch.randint(2, self.vocab_size, (batch_size, count), generator=generator)

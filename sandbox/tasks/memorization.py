@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # for annotations only: functions import torch where they use it, so listing tasks needs no torch
+    import torch
 
 from .base import IGNORE_INDEX, Task, check
 
@@ -30,6 +32,7 @@ class Memorization(Task):
     value_of_key: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        import torch
         check(self.vocab_size >= 4, "vocab_size", f"expected at least 4, got {self.vocab_size}")
         check(self.seq_len >= 2, "seq_len", f"expected at least 2 (one key and its value), got {self.seq_len}")
         half = self.vocab_size // 2
@@ -37,6 +40,7 @@ class Memorization(Task):
         self.value_of_key = torch.randint(half, self.vocab_size, (half,), generator=map_generator)
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         pairs = -(-self.seq_len // 2)
         keys = torch.randint(0, self.vocab_size // 2, (batch_size, pairs), generator=generator)
         values = self.value_of_key[keys]

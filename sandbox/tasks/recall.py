@@ -6,8 +6,10 @@ All three tasks here score only the positions where a value must be recalled; th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # for annotations only: functions import torch where they use it, so listing tasks needs no torch
+    import torch
 
 from .base import IGNORE_INDEX, Task, check, sample_distinct
 
@@ -50,6 +52,7 @@ class MQAR(Task):
         check(self.power_a > 0, "power_a", f"expected a positive number, got {self.power_a}")
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         pairs, half = self.num_kv_pairs, self.vocab_size // 2
         keys = sample_distinct(batch_size, pairs, 1, half, generator)
         values = torch.randint(half, self.vocab_size, (batch_size, pairs), generator=generator)
@@ -83,6 +86,7 @@ def key_value_stream(batch_size: int, length: int, num_pairs: int, key_length: i
     ``tokens[i + 1]`` where that token belongs to the value of a pair whose key appeared earlier in the
     sequence (only then is the value recallable), else -100.
     """
+    import torch
     key_low, key_high = key_range
     key_tokens = key_high - key_low
     pair_length = key_length + value_length
@@ -182,6 +186,7 @@ class NoisyRecall(Task):
         return round(self.noise_fraction * self.seq_len)
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         content = self.vocab_size - self.noise_vocab_size
         clean_length = self.seq_len - self.noise_tokens
         clean, clean_answers = key_value_stream(batch_size, clean_length, self.num_kv_pairs, 1, 1,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # for annotations only: functions import torch where they use it, so listing tasks needs no torch
+    import torch
 
 from .base import IGNORE_INDEX, Task, check
 
@@ -40,6 +42,7 @@ class Parity(Task):
     vocab_size: int = field(default=2, init=False)
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         bits = torch.randint(0, 2, (batch_size, self.seq_len), generator=generator)
         targets = bits.cumsum(dim=1) % 2
         return bits, targets if self.score_every_position else keep_last_target(targets)
@@ -66,6 +69,7 @@ class Permutation(Task):
     composition: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        import torch
         check(self.group in GROUP_DEGREES, "group", f"expected one of {', '.join(GROUP_DEGREES)}, got {self.group!r}")
         degree = GROUP_DEGREES[self.group]
         self.vocab_size = math.factorial(degree)
@@ -75,6 +79,7 @@ class Permutation(Task):
         self.composition = torch.tensor([[index[tuple(a[j] for j in b)] for b in permutations] for a in permutations])
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         elements = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=generator)
         # Prefix products by a Hillis-Steele scan: log2(seq_len) steps instead of one per position.
         prefix = elements.clone()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:   # for annotations only: functions import torch where they use it, so listing tasks needs no torch
+    import torch
 
 from .base import IGNORE_INDEX, Task, check, check_logits
 
@@ -54,6 +55,7 @@ class Text(Task):
     splits_by_data_range = True
 
     def __post_init__(self) -> None:
+        import torch
         text = read_text(self.data)
         check(len(text) > 0, "data", f"expected a non-empty text, got an empty file {self.data!r}")
         # Code points as int32 (UTF-32), then unique(sorted) gives the vocabulary and the ids in one pass.
@@ -70,6 +72,7 @@ class Text(Task):
               f"expected seq_len < {shortest}, got {self.seq_len}")
 
     def generate(self, batch_size: int, generator: torch.Generator, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         ids = self.split_ids[split]
         starts = torch.randint(0, len(ids) - self.seq_len, (batch_size, 1), generator=generator)
         windows = ids[starts + torch.arange(self.seq_len + 1)]
@@ -77,6 +80,7 @@ class Text(Task):
 
     def metric(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """Bits per character over the scored positions."""
+        import torch.nn.functional as F
         check_logits(logits, targets)
         nats = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX)
         return nats.item() / math.log(2)
