@@ -755,7 +755,7 @@ def ablate_command(
     out: Annotated[Optional[Path], typer.Option(help="Ablation folder (default: ablations/<recipe name>); new, "
                                                 "empty, or an ablation of the same recipe (which resumes).")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Runs at a time, spread over the GPUs (default: one on a CPU; "
-                                                "with GPUs, up to 4 per GPU as free memory and CPU cores allow).")] = None,
+                                                f"with GPUs, up to {RUNS_PER_GPU} per GPU as free memory and CPU cores allow).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and estimate the time; run nothing.")] = False,
     backend: Annotated[str, typer.Option(help="local (subprocesses of this command) or ray (Ray tasks, pip install -e '.[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="With --backend ray: the cluster to join (HOST:6379, or auto); default: start a Ray on this machine.")] = None,

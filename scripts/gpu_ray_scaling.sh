@@ -3,13 +3,13 @@
 # on one GPU (issue 13 item 7), on a machine without Ray and without network: Ray comes from a bundle
 # (scripts/build_ray_bundle.sh) unpacked to $SITE and put on PYTHONPATH.
 #   bash scripts/gpu_ray_scaling.sh OUT [RECIPE] [BUNDLE]
-# RECIPE defaults to scripts/ray_scaling.toml (16 runs of recipes/quick.toml's base), BUNDLE to the one
+# RECIPE defaults to recipes/quick.toml (42 runs), BUNDLE to the one
 # .tar.xz under .whl-ray/. Legs, in this order (LEGS="local1 ray2" by default; "local2" adds the local backend
 # on every GPU):
-#   local1  CUDA_VISIBLE_DEVICES=0 python3 -m sandbox ablate RECIPE --out OUT/local1   (default --jobs: 4 runs/GPU)
+#   local1  CUDA_VISIBLE_DEVICES=0 python3 -m sandbox ablate RECIPE --out OUT/local1   (default --jobs: up to 12 runs/GPU)
 #   ray2    python3 -m sandbox ablate RECIPE --backend ray --gpus-per-run $GPUS_PER_RUN --out OUT/ray2
 #   local2  python3 -m sandbox ablate RECIPE --out OUT/local2                          (runs spread over the GPUs)
-# GPUS_PER_RUN (default 0.25: the local backend's 4 runs per GPU; empty: Ray's default, a whole GPU per run).
+# GPUS_PER_RUN (default 0.0833: the local backend's 12 runs per GPU; empty: Ray's default, a whole GPU per run).
 # Each leg gets its own empty Triton cache (both start cold, as on a fresh machine) and LEG_TIMEOUT seconds
 # (default 240); a leg that fails or times out is reported and the others still run. While a leg runs, every
 # second: each GPU's utilisation and memory (OUT/LEG.gpus.csv) and each `sandbox run` process with its
@@ -24,12 +24,12 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 out=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exit 2; }
-recipe=${2:-scripts/ray_scaling.toml}
+recipe=${2:-recipes/quick.toml}
 bundle=${3:-$(ls .whl-ray/*.tar.xz 2>/dev/null | head -n 1)}
 site=${SITE:-/tmp/site}
 legs=${LEGS:-local1 ray2}
 leg_timeout=${LEG_TIMEOUT:-240}
-gpus_per_run=${GPUS_PER_RUN-0.25}
+gpus_per_run=${GPUS_PER_RUN-0.0833}
 report=$out/scaling.txt
 say() { echo "$*" | tee -a "$report"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
