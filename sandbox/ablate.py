@@ -73,18 +73,13 @@ from typing import Annotated, Callable, Optional
 import typer
 from tqdm import tqdm
 
-from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config, resolve_config
+from sandbox.config import FIELD_TYPES, RunConfig, check_type, flatten, load_config, read_toml, resolve_config
 from sandbox.errors import fail
 from sandbox.ray_backend import import_ray, run_on_ray
 from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_summaries
 from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
                                is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
 from sandbox.threads import default_threads, usable_cores
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "plot_x", "plot_x_values", "compare")
 PLOT_X_VALUES = ("state_size", "parameters")   # results that can stand in for plot_x's values
@@ -215,18 +210,7 @@ def _load_grid(where: str, grid: object) -> dict[str, list]:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe; a mistake raises ValueError naming the key."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"recipe: {path} is a folder, expected a recipe TOML file")
-    if not path.is_file():
-        raise ValueError(f"recipe: file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"recipe: {path} is not valid TOML ({error})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"recipe: {path} is not a text file, expected TOML") from None
-    except OSError as error:
-        raise ValueError(f"recipe: cannot read {path} ({error.strerror})") from None
+    raw = read_toml(path, "recipe")
     for key in raw:
         if key not in RECIPE_KEYS:
             raise ValueError(f"{key}: unknown recipe key, expected one of: {', '.join(RECIPE_KEYS)}")

@@ -170,22 +170,27 @@ def resolve_config(*layers: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML run config; returns the keys it sets (type-checked), unknown keys raise ValueError."""
+def read_toml(path: str | Path, what: str, folder_hint: str = "") -> dict[str, Any]:
+    """The TOML file ``path`` as a dict; any problem raises ValueError naming the argument ``what``."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"config: '{path}' is a folder, expected a TOML file (a run's is <folder>/config.toml)")
+        raise ValueError(f"{what}: '{path}' is a folder, expected a TOML file{folder_hint}")
     if not path.is_file():
-        raise ValueError(f"config: no such file '{path}'")
+        raise ValueError(f"{what}: no such file '{path}'")
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config: '{path}' is not valid TOML ({e})") from None
+        raise ValueError(f"{what}: '{path}' is not valid TOML ({e})") from None
     except UnicodeDecodeError:
-        raise ValueError(f"config: '{path}' is not a text file, expected TOML") from None
+        raise ValueError(f"{what}: '{path}' is not a text file, expected TOML") from None
     except OSError as e:
-        raise ValueError(f"config: cannot read '{path}' ({e.strerror})") from None
+        raise ValueError(f"{what}: cannot read '{path}' ({e.strerror})") from None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run config; returns the keys it sets (type-checked), unknown keys raise ValueError."""
+    data = read_toml(path, "config", " (a run's is <folder>/config.toml)")
     for name, value in data.items():
         if name not in FIELD_TYPES:
             raise ValueError(f"config key '{name}' in {path}: unknown, expected one of: {', '.join(FIELD_TYPES)}")
