@@ -45,7 +45,7 @@ from sandbox.rules.rule import TRITON_MISSING, triton_installed
 from sandbox.runfolder import CHECKPOINT, CONFIG, RunFolder, config_differences, is_run_folder
 from sandbox.tasks import create_task
 from sandbox.tasks.base import Task, split_generator
-from sandbox.threads import default_threads, use_threads
+from sandbox.threads import default_threads, keep_freed_memory, use_threads
 
 BLOCK_TOKENS = 2**18    # training tokens generated (on the CPU) and copied to the device at a time
 CAPTURE_AFTER = 3       # eager steps before a CUDA-graph capture: kernels compile and caches fill outside it
@@ -608,6 +608,7 @@ def run_command(
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected a positive integer, got {threads}")
         use_threads(threads or default_threads())
+        keep_freed_memory()
         if task_arg:
             given["task_args"] = parse_task_args(task_arg)
         if resume_from is not None:

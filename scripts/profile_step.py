@@ -40,6 +40,15 @@ HOST_CATEGORIES = [
     ("kernel launches", r"cudaLaunchKernel|cuLaunchKernel|cudaGraphLaunch|cudaLaunch"),
     ("batch generation", r"randint|multinomial|topk|rand|scatter|batch"),
 ]
+# On the CPU there are no kernels: the ops' self time by kind, first match wins.
+CPU_OP_CATEGORIES = [
+    ("triangular solve", r"solve_triangular"),
+    ("matrix products", r"aten::(mm|bmm|addmm|addmv|baddbmm|matmul|linear|dot)$"),
+    ("optimizer and clipping", r"Optimizer|_foreach|adam|clip|norm"),
+    ("copies, casts and layout", r"copy|clone|contiguous|cat|stack|pad|constant_pad|fill|zero|to$|_to_copy|empty|index|slice|narrow|select|expand|view|reshape|permute|transpose|as_strided"),
+    ("reductions and scans", r"sum|mean|cumsum|logsumexp|softmax|cross_entropy|nll|max|min"),
+    ("elementwise", r"aten::"),
+]
 
 
 def categorize(name: str, categories: list[tuple[str, str]]) -> str:
@@ -67,9 +76,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--inductor", action="store_true", help="torch.compile the forward and loss too")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from sandbox.threads import keep_freed_memory   # as `sandbox run` does, where it exists
+    except ImportError:
+        pass
+    else:
+        keep_freed_memory()
 
     values = {"rule": args.rule, "device": args.device, "out": tempfile.mkdtemp()}
     if args.no_compile:
@@ -82,7 +100,12 @@ def main() -> None:
         values = {name: value for name, value in values.items() if name not in ("compile", "inductor")}
         config = resolve_config(values)
     trainer = Trainer(config, progress=False)
-    trainer.start(Path(config.out))
+    try:
+        from sandbox.runfolder import RunFolder
+    except ImportError:   # trainers before the run folder class took a path
+        trainer.start(Path(config.out))
+    else:
+        trainer.start(RunFolder.create(config.out, trainer.config))
     cuda = trainer.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     run_steps(trainer, args.warmup)
@@ -96,7 +119,7 @@ def main() -> None:
     with profile(activities=activities) as prof:
         run_steps(trainer, args.steps)
         sync()
-    device_ms, host_ms, kernels = defaultdict(float), defaultdict(float), 0
+    device_ms, host_ms, cpu_ops_ms, kernels = defaultdict(float), defaultdict(float), defaultdict(float), 0
     for event in prof.events():
         if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
             device_ms[categorize(event.name, KERNEL_CATEGORIES)] += event.device_time / 1e3 / args.steps
@@ -106,13 +129,17 @@ def main() -> None:
             category = categorize(event.key, HOST_CATEGORIES)
             if category != "other":
                 host_ms[category] += event.self_cpu_time_total / 1e3 / args.steps
+            if not cuda:
+                cpu_ops_ms[categorize(event.key, CPU_OP_CATEGORIES)] += event.self_cpu_time_total / 1e3 / args.steps
     # Host time by top-level op (self time), for the CPU device where there are no kernels.
     top_ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / args.steps) for e in prof.key_averages()),
                      key=lambda kv: -kv[1])[:15]
     result = {"label": args.label, "rule": args.rule, "device": str(trainer.device), "impl": trainer.impl,
               "step_ms": step_ms, "tokens_per_second": config.batch_size * trainer.task.seq_len / step_ms * 1e3,
               "device_busy_ms": sum(device_ms.values()), "kernels_per_step": kernels / args.steps,
-              "device_ms": dict(device_ms), "host_ms": dict(host_ms), "top_host_ops_ms": top_ops,
+              "device_ms": dict(device_ms), "host_ms": dict(host_ms),
+              "cpu_ops_ms": dict(sorted(cpu_ops_ms.items(), key=lambda kv: -kv[1])), "threads": torch.get_num_threads(),
+              "top_host_ops_ms": top_ops,
               "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__}
     print(json.dumps(result))
     if args.out:

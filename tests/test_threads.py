@@ -47,3 +47,10 @@ def test_run_rejects_a_thread_count_below_one(tmp_path):
     assert result.exit_code == 2
     assert "threads: expected a positive integer" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_keep_freed_memory_applies_on_glibc_only():
+    import platform
+
+    applied = threads.keep_freed_memory()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

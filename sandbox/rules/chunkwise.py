@@ -13,13 +13,14 @@ Inside a chunk of ``C`` tokens with carry-in ``(S_0, M_0)``:
     La[t, i] = A_t / A_i,   Lm[i, j] = Mu_i / Mu_j          (lower triangular, from log-gate segment sums)
     Gamma    = La diag(beta) Lm                            (every exponent <= 0: stable for any mu, alpha)
     bM[t]    = sum_{i<=t} b_i (A_t / A_i) Mu_i
-    U        = u_c - y S_0 + z M_0                          (u_c, y, z from one unit-triangular solve)
+    U        = Tm (V - diag(A_{t-1}) P S_0 + diag(bM_{t-1}) P M_0),   Tm = (I + Amat)^-1 (unit lower triangular)
     o_t      = scale * (A_t S_0^T q_t - bM_t M_0^T q_t + sum_{j<=t} Gamma[t, j] (q_t . kk_j) u_j)
     S_C      = A_C S_0 - bM_C M_0 + (Gamma[C, :] * kk)^T U
     M_C      = Mu_C M_0 - (Lm[C, :] * kk)^T U
 
 Everything that does not depend on the carried state is computed for all chunks at once; only the short
-loop over chunks at the end is sequential.
+loop over chunks at the end is sequential. A zero carry-in (the first chunk without an initial state, the
+whole sequence when it fits one chunk) skips the terms in ``S_0`` and ``M_0``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,58 @@ def segment_decay(log_cumsum: Tensor) -> Tensor:
     causal = torch.ones(C, C, dtype=torch.bool, device=log_cumsum.device).tril()
     diff = log_cumsum[..., :, None] - log_cumsum[..., None, :]
     return diff.masked_fill(~causal, float("-inf")).exp()
+
+
+def diagonal_blocks(x: Tensor, size: int) -> Tensor:
+    """The ``size x size`` blocks on the diagonal of ``x [..., C, C]``, as ``[..., C / size, size, size]`` (a view)."""
+    count = x.shape[-1] // size
+    blocks = x.unflatten(-1, (count, size)).unflatten(-3, (count, size))     # [..., n, size, n, size]
+    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def unit_lower_inverse(A: Tensor, base: int = 8) -> Tensor:
+    """``(I + A)^-1`` for strictly lower-triangular ``A [..., C, C]`` (C a power of two), in a few batched matmuls.
+
+    Forward substitution row by row inside ``base``-sized diagonal blocks (the accuracy of a triangular
+    solve), then doubling: a block of twice the size has the inverse ``[[T11, 0], [-T22 A21 T11, T22]]``.
+    Every block is written in place into one ``C x C`` result. On the CPU, with ``UnitLowerSolve``'s backward,
+    this replaced ``torch.linalg.solve_triangular``, the largest single cost of a default training step
+    (many small systems, slow and worse with 2 threads than with 1; BENCHMARKS.md, issue 12).
+    """
+    C = A.shape[-1]
+    size = min(C, base)
+    T = torch.zeros_like(A)
+    T.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    A_blocks, T_blocks = diagonal_blocks(A, size), diagonal_blocks(T, size)
+    for i in range(1, size):
+        # Row i of T: e_i - A[i, :i] T[:i, :], where T[:i, :] is already final and zero beyond column i.
+        T_blocks[..., i, :i] = -(A_blocks[..., i, None, :i] @ T_blocks[..., :i, :i])[..., 0, :]
+    while size < C:
+        A_pairs, T_pairs = diagonal_blocks(A, 2 * size), diagonal_blocks(T, 2 * size)
+        T_pairs[..., size:, :size] = -(T_pairs[..., size:, size:] @ A_pairs[..., size:, :size] @ T_pairs[..., :size, :size])
+        size *= 2
+    return T
+
+
+class UnitLowerSolve(torch.autograd.Function):
+    """``U = (I + A)^-1 R`` for strictly lower-triangular ``A``, given ``T = (I + A)^-1`` computed without autograd.
+
+    The gradient reaches ``A`` through the solve's own formula, not through the steps that built ``T``:
+    ``dR = T^T dU`` and ``dA = -(dR U^T)`` on the strict lower part, two thin matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, T: Tensor, R: Tensor) -> Tensor:
+        U = T @ R
+        ctx.save_for_backward(T, U)
+        return U
+
+    @staticmethod
+    def backward(ctx, grad_U: Tensor) -> tuple[Tensor, None, Tensor]:
+        T, U = ctx.saved_tensors
+        grad_R = T.mT @ grad_U
+        # Only A's strict lower part enters the system (its diagonal is the unit one, above it zeros).
+        return -(grad_R @ U.mT).tril(-1), None, grad_R
 
 
 def shift_down(x: Tensor, dim: int, fill: float) -> Tensor:
@@ -86,32 +139,48 @@ def chunk_forward(rule: Rule, inputs: Inputs, scale: float | None, output_final_
         # (I + Amat) U = V - diag(A_{t-1}) P S_0 + diag(bM_{t-1}) P M_0, Amat[t, j] = Gamma[t-1, j] (p_t . kk_j)
         probe = log_alpha.exp()[..., None] * k
         Amat = shift_down(Gamma, dim=-2, fill=0.0) * (probe @ kk.transpose(-1, -2))
-        rhs = [v, shift_down(log_A, dim=-1, fill=0.0).exp()[..., None] * probe]
+        with torch.no_grad():
+            Tm = unit_lower_inverse(Amat)                          # UnitLowerSolve takes A's gradient
+        probe_S = shift_down(log_A, dim=-1, fill=0.0).exp()[..., None] * probe
         if rule.momentum:
-            rhs.append(shift_down(bM, dim=-1, fill=0.0)[..., None] * probe)
-        # unitriangular: the solver takes the diagonal as 1 and reads only Amat's strict lower part.
-        solved = torch.linalg.solve_triangular(Amat, torch.cat(rhs, dim=-1), upper=False, unitriangular=True)
-        u_c, y, z = solved.split([v.shape[-1], K, K if rule.momentum else 0], dim=-1)
+            probe_M = shift_down(bM, dim=-1, fill=0.0)[..., None] * probe
 
     scores = Gamma * (q @ kk.transpose(-1, -2))                    # intra-chunk attention, lower triangular
     A = log_A.exp()
-    S, *M = initial_states(rule, inputs, dtype)
+    # None stands for a zero state: its terms are skipped rather than multiplied by zeros.
+    S = M = None
+    if inputs.initial_state is not None:
+        S, *rest = initial_states(rule, inputs, dtype)
+        M = rest[0] if rule.momentum else None
     outputs = []
     for n in range(N):
         U = v[:, :, n]
         if rule.delta:
-            U = u_c[:, :, n] - y[:, :, n] @ S + (z[:, :, n] @ M[0] if rule.momentum else 0)
-        o = (A[:, :, n, :, None] * q[:, :, n]) @ S + scores[:, :, n] @ U
-        S_next = A[:, :, n, -1, None, None] * S + (Gamma[:, :, n, -1, :, None] * kk[:, :, n]).transpose(-1, -2) @ U
+            if S is not None:
+                U = U - probe_S[:, :, n] @ S + (probe_M[:, :, n] @ M if rule.momentum else 0)
+            U = UnitLowerSolve.apply(Amat[:, :, n], Tm[:, :, n], U)
+        o = scores[:, :, n] @ U
+        last = n == N - 1 and not output_final_state                # no carry out of the last chunk needed
+        if not last:
+            S_next = (Gamma[:, :, n, -1, :, None] * kk[:, :, n]).transpose(-1, -2) @ U
+        if S is not None:
+            o = o + (A[:, :, n, :, None] * q[:, :, n]) @ S
+            if not last:
+                S_next = S_next + A[:, :, n, -1, None, None] * S
         if rule.momentum:
-            o = o - (bM[:, :, n, :, None] * q[:, :, n]) @ M[0]
-            S_next = S_next - bM[:, :, n, -1, None, None] * M[0]
-            Mu_C = log_Mu[:, :, n, -1].exp()[..., None, None]
-            decay_to_end = Lm[:, :, n, -1, :, None]                # Mu_C / Mu_j for every j
-            M = [Mu_C * M[0] - (decay_to_end * kk[:, :, n]).transpose(-1, -2) @ U]
+            if M is not None:
+                o = o - (bM[:, :, n, :, None] * q[:, :, n]) @ M
+            if not last:
+                decay_to_end = Lm[:, :, n, -1, :, None]            # Mu_C / Mu_j for every j
+                M_next = -(decay_to_end * kk[:, :, n]).transpose(-1, -2) @ U
+                if M is not None:
+                    S_next = S_next - bM[:, :, n, -1, None, None] * M
+                    M_next = M_next + log_Mu[:, :, n, -1].exp()[..., None, None] * M
+                M = M_next
         outputs.append(scale * o)
-        S = S_next
+        if not last:
+            S = S_next
 
     o = torch.stack(outputs, dim=2)                                # [B, H, N, C, V]
     o = o.movedim(1, 3).reshape(B, N * C, H, -1)[:, :T].to(inputs.v.dtype)
-    return o, (as_state(rule, (S, *M)) if output_final_state else None)
+    return o, (as_state(rule, (S, M) if rule.momentum else (S,)) if output_final_state else None)
