@@ -62,9 +62,9 @@ def keep_freed_memory() -> bool:
     A CPU training step allocates and frees a few hundred tensors of megabytes each. By default glibc serves
     such blocks with fresh pages from the OS (a page fault per 4 KiB page on first touch) and returns them on
     free, so every step pays the faults again. With the mmap threshold at its maximum (32 MiB) and a trim
-    threshold of 256 MiB they come from the reused heap: 10-14% less time per default training step on a
-    2-core CPU (BENCHMARKS.md, issue 12). Returns whether it applied: only where the C library is glibc
-    (Linux), elsewhere it does nothing.
+    threshold of 256 MiB they come from the reused heap: 5-14% less time per default training step on a
+    shared 2-core CPU (about 5,100 page faults a step before, none after; BENCHMARKS.md, issue 12). Returns
+    whether it applied: only where the C library is glibc (Linux), elsewhere it does nothing.
     """
     import ctypes
 
