@@ -119,21 +119,36 @@ class ShortConv(nn.Module):
 
     def forward(self, x: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns the output and the last ``CONV_SIZE - 1`` inputs ``[B, channels, CONV_SIZE - 1]`` (the state
-        for the next call)."""
+        for the next call). Two ways to the same result, each the faster where it is used (measured: on the CPU
+        the shifted products take about a fifth less time than conv1d's grouped kernel with its transposes; on
+        CUDA they added about 150 kernels to a captured training step, 700 -> 854, and slowed it)."""
+        if x.device.type == "cpu":
+            return self.shifted_products(x, previous)
+        return self.grouped_conv(x, previous)
+
+    def shifted_products(self, x: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The depthwise convolution as ``CONV_SIZE`` shifted products in the ``[B, T, channels]`` layout,
+        accumulated in float32 as conv1d accumulates."""
         T = x.shape[1]
         if previous is None:
             padded = F.pad(x, (0, 0, CONV_SIZE - 1, 0))                # [B, CONV_SIZE - 1 + T, channels]
         else:
             padded = torch.cat([previous.to(x.dtype).transpose(1, 2), x], dim=1)
-        # The depthwise convolution as CONV_SIZE shifted products in the [B, T, channels] layout: on the CPU
-        # its forward and backward take about a fifth less time than conv1d's grouped kernel with its transposes.
-        # Accumulated in float32 (under bf16 autocast too), as conv1d accumulates.
         dtype = torch.promote_types(x.dtype, torch.float32)
         padded_32, taps = padded.to(dtype), self.weight[:, 0].to(dtype)    # taps [channels, CONV_SIZE]
         y = self.bias.to(dtype) + padded_32[:, :T] * taps[:, 0]
         for i in range(1, CONV_SIZE):
             y = y + padded_32[:, i:i + T] * taps[:, i]
         return F.silu(y).to(x.dtype), padded[:, T:].transpose(1, 2)
+
+    def grouped_conv(self, x: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The depthwise convolution as one grouped ``conv1d`` in the ``[B, channels, T]`` layout."""
+        x = x.transpose(1, 2)                                           # [B, channels, T]
+        if previous is None:
+            previous = x.new_zeros(x.shape[0], x.shape[1], CONV_SIZE - 1)
+        padded = torch.cat([previous.to(x.dtype), x], dim=-1)
+        y = F.conv1d(padded, self.weight.to(x.dtype), self.bias.to(x.dtype), groups=x.shape[1])
+        return F.silu(y).transpose(1, 2), padded[..., -(CONV_SIZE - 1):]
 
 
 class RuleMixer(nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sandbox.layer import RuleMixer
+from sandbox.layer import CONV_SIZE, RuleMixer, ShortConv
 from sandbox.model import LanguageModel
 from sandbox.rules import get_rule, list_rules
 
@@ -41,6 +41,24 @@ def test_stepping_from_scratch_equals_sequence_in_float32(rule):
         y, state = mixer.step(x[:, t], state)
         outputs.append(y)
     torch.testing.assert_close(torch.stack(outputs, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, with_previous", [(1, False), (2, True), (17, False), (17, True)])
+def test_short_conv_shifted_products_equal_the_grouped_conv(T, with_previous):
+    """The CPU path (shifted products) and the CUDA path (grouped conv1d) of ShortConv: the same outputs,
+    states and gradients."""
+    torch.manual_seed(0)
+    conv = ShortConv(6).double()
+    x = torch.randn(2, T, 6, dtype=torch.float64, requires_grad=True)
+    previous = torch.randn(2, 6, CONV_SIZE - 1, dtype=torch.float64) if with_previous else None
+    results = []
+    for path in (conv.shifted_products, conv.grouped_conv):
+        y, state = path(x, previous)
+        grads = torch.autograd.grad((y * torch.cos(y)).sum(), [x, conv.weight, conv.bias])
+        results.append((y, state, *grads))
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_model_step_equals_forward():
