@@ -68,7 +68,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields
 from itertools import product
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from tqdm import tqdm
@@ -80,6 +80,9 @@ from sandbox.report import SUMMARY_FILES, format_duration, format_value, write_s
 from sandbox.runfolder import (CHECKPOINT, CONFIG, LOCK, FolderLock, ablation_run_folder, check_summaries_replaceable,
                                is_locked, read_plan, read_results, read_run_config, save_config_file, write_plan)
 from sandbox.threads import default_threads, usable_cores
+
+if TYPE_CHECKING:
+    from sandbox.tasks.base import Task
 
 RECIPE_KEYS = ("name", "description", "base", "seeds", "grid", "select_best", "plot_x", "plot_x_values", "compare")
 PLOT_X_VALUES = ("state_size", "parameters")   # results that can stand in for plot_x's values
@@ -331,22 +334,35 @@ def check_resume(run: PlannedRun, folder: Path) -> None:
                              "choose another --out to keep both")
 
 
+def with_defaults(config: dict) -> dict:
+    """A planned run's keys over RunConfig's defaults (a recipe names only what it changes)."""
+    return {**RunConfig().to_dict(), **config}
+
+
+def planned_task(config: dict) -> Task | None:
+    """The task a planned run (its keys over the defaults) would build, or None if its task keys are invalid
+    (that run will stop at its bad value)."""
+    from sandbox.tasks import create_task
+
+    try:
+        return create_task(config["task"], config["task_args"], seq_len=config["seq_len"])
+    except ValueError:
+        return None
+
+
 def work_units(config: dict) -> float | None:
     """Tokens per step x layers x d_model^2, which a step's time is taken proportional to when one measured
     configuration stands for the others; None if the config's task is invalid (that run will fail at once)."""
-    from sandbox.tasks import create_task
-
-    config = {**RunConfig().to_dict(), **config}
-    try:
-        seq_len = create_task(config["task"], config["task_args"], seq_len=config["seq_len"]).seq_len
-    except ValueError:
+    config = with_defaults(config)
+    task = planned_task(config)
+    if task is None:
         return None
-    return config["batch_size"] * seq_len * config["layers"] * config["d_model"] ** 2
+    return config["batch_size"] * task.seq_len * config["layers"] * config["d_model"] ** 2
 
 
 def modeled_seconds(config: dict) -> float:
     """Seconds one run should take according to ROUGH_COST (config: the planned keys, defaults for the rest)."""
-    config = {**RunConfig().to_dict(), **config}
+    config = with_defaults(config)
     device = config["device"]
     if device == "auto":
         import torch
@@ -364,7 +380,7 @@ def probe_run(config: dict, threads: int) -> tuple[float, dict]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        probe = {**RunConfig().to_dict(), **config, "steps": PROBE_STEPS, "warmup_steps": 0,
+        probe = {**with_defaults(config), "steps": PROBE_STEPS, "warmup_steps": 0,
                  "eval_every": PROBE_STEPS, "checkpoint_every": PROBE_STEPS}
         save_config_file(RunConfig(**probe), Path(scratch) / "probe.toml")
         command = [sys.executable, "-m", "sandbox", "run", "--config", str(Path(scratch) / "probe.toml"),
@@ -388,7 +404,7 @@ class Costs:
     probed: str              # the name of the run whose configuration was probed
 
     def run_seconds(self, config: dict) -> float:
-        config = {**RunConfig().to_dict(), **config}
+        config = with_defaults(config)
         units = work_units(config)
         if units is None:
             return self.startup
@@ -412,8 +428,7 @@ def measure_costs(pending: list[PlannedRun], threads: int) -> Costs | None:
     if probed is None:
         return None
     seconds, results = probe_run(probed.config, threads)
-    config = {**RunConfig().to_dict(), **probed.config}
-    step = config["batch_size"] * results["seq_len"] / results["tokens_per_second"]
+    step = _step_seconds(probed.config, results)
     return Costs(startup=max(seconds - PROBE_STEPS * step, 0.0), step=step, units=work_units(probed.config),
                  probed=probed.name)
 
@@ -443,7 +458,7 @@ def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun,
     startup = statistics.median(m[2] for m in measured)
 
     def pending_seconds(run: PlannedRun) -> float:
-        config = {**RunConfig().to_dict(), **run.config}
+        config = with_defaults(run.config)
         same = [m for m in measured if _shape(m[0].config) == _shape(run.config)]
         if same:
             step = statistics.median(m[1] for m in same)
@@ -458,19 +473,19 @@ def estimate_seconds(pending: list[PlannedRun], finished: list[tuple[PlannedRun,
 
 def _shape(config: dict) -> tuple:
     """What a step's cost depends on: the rule and the model and batch sizes."""
-    config = {**RunConfig().to_dict(), **config}
+    config = with_defaults(config)
     return tuple(json.dumps(config[key], sort_keys=True) for key in
                  ("rule", "task", "task_args", "seq_len", "d_model", "layers", "heads", "batch_size", "impl", "device"))
 
 
 def _modeled_step(config: dict) -> float:
-    config = {**RunConfig().to_dict(), **config}
+    config = with_defaults(config)
     return max(modeled_seconds({**config, "steps": 1}) - modeled_seconds({**config, "steps": 0}), 1e-9)
 
 
 def _step_seconds(config: dict, results: dict) -> float:
     """A finished run's measured seconds per training step (from its tokens per second)."""
-    config = {**RunConfig().to_dict(), **config}
+    config = with_defaults(config)
     return config["batch_size"] * results["seq_len"] / results["tokens_per_second"]
 
 
@@ -480,7 +495,6 @@ def default_jobs(pending: list[PlannedRun]) -> tuple[int, str]:
     run's estimated need plus ``RUN_OVERHEAD_BYTES``) and no more than the CPU cores."""
     import torch
 
-    from sandbox.tasks import create_task
     from sandbox.train import estimate_training_bytes
 
     gpus = torch.cuda.device_count()
@@ -489,10 +503,9 @@ def default_jobs(pending: list[PlannedRun]) -> tuple[int, str]:
     free = min(torch.cuda.mem_get_info(index)[0] for index in range(gpus))
     need = RUN_OVERHEAD_BYTES
     for run in pending:
-        config = {**RunConfig().to_dict(), **run.config}
-        try:
-            task = create_task(config["task"], config["task_args"], seq_len=config["seq_len"])
-        except ValueError:
+        config = with_defaults(run.config)
+        task = planned_task(config)
+        if task is None:
             continue   # that run will stop at its bad value
         sizes = {"d_model": config["d_model"], "layers": config["layers"], "batch_size": config["batch_size"],
                  "seq_len": task.seq_len, "vocab_size": task.vocab_size}
@@ -666,7 +679,7 @@ def _run_pending(recipe: Recipe, runs: list[PlannedRun], pending: list[PlannedRu
             (root / sub).mkdir(exist_ok=True)
         for run in pending:
             # Unchecked on purpose: `sandbox run` checks the values, so one bad grid point fails alone.
-            save_config_file(RunConfig(**{**RunConfig().to_dict(), **run.config}), root / "configs" / f"{run.name}.toml")
+            save_config_file(RunConfig(**with_defaults(run.config)), root / "configs" / f"{run.name}.toml")
             folder = ablation_run_folder(root, run.name)
             if folder.exists() and run.name not in resumable:
                 set_aside(folder, root)
