@@ -90,11 +90,6 @@ class Ablation:
         return found or {"metric": True}
 
     @property
-    def higher_is_better(self) -> bool:
-        """The direction of the one metric; with several, each configuration's own (Configuration.higher_is_better)."""
-        return next(iter(self.metrics.values())) if len(self.metrics) == 1 else True
-
-    @property
     def reported(self) -> str:
         """The result that the tables report: the test metric, or for runs made before the test stream
         existed, the final metric on the held-out batches (``final_metric``)."""
