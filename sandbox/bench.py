@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sandbox.errors import fail
-from sandbox.provenance import cpu_name, distribution_version
+from sandbox.provenance import device_name, distribution_version
 from sandbox.rules import Rule, get_rule, list_rules
 from sandbox.rules.rule import TRITON_MISSING, triton_installed
 from sandbox.runfolder import write_text_atomically
@@ -349,7 +349,7 @@ def format_table(results: list[CaseResult]) -> str:
 
 def environment(device: torch.device, fla) -> dict:
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": distribution_version("triton"),

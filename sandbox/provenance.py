@@ -116,16 +116,21 @@ def command_line(argv: list[str]) -> str:
     return shlex.join([program, *argv[1:]])
 
 
+def device_name(device: Any) -> str:
+    """What ``device`` (a torch.device) is: the GPU's model, or the CPU's."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (mps) on {platform.machine()}"
+    return cpu_name()
+
+
 def collect(device: Any, argv: list[str], root: Path = SOURCE_ROOT) -> dict[str, Any]:
     """Provenance of a run on ``device`` (a torch.device) started with ``argv``, from the checkout at ``root``."""
     import torch
 
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    elif device.type == "mps":
-        device_name = f"Apple GPU (mps) on {platform.machine()}"
-    else:
-        device_name = cpu_name()
     return {
         "sandbox": sandbox.__version__,
         "commit": git_commit(root),
@@ -135,7 +140,7 @@ def collect(device: Any, argv: list[str], root: Path = SOURCE_ROOT) -> dict[str,
         "cuda": torch.version.cuda,
         "triton": distribution_version("triton"),
         "platform": f"{platform.system()} {platform.machine()}",
-        "device": device_name,
+        "device": device_name(device),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "command": command_line(argv),
