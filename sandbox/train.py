@@ -325,8 +325,12 @@ class Trainer:
         self.model.train()
         return torch.stack(losses).double().mean().item(), sum(metrics) / len(metrics)
 
+    def _lr(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based)."""
+        return self.config.lr * lr_factor(step, self.config.warmup_steps, self.config.steps)
+
     def _set_lr(self) -> None:
-        lr = self.config.lr * lr_factor(self.step, self.config.warmup_steps, self.config.steps)
+        lr = self._lr(self.step)
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], Tensor):
                 group["lr"].fill_(lr)   # on the device: no synchronisation
@@ -476,7 +480,7 @@ class Trainer:
             if log_now:
                 metric = self.task.metric(logits.float(), targets)
                 self._log({"step": self.step, "split": "train", "loss": loss, metric_name: metric,
-                           "lr": config.lr * lr_factor(self.step - 1, config.warmup_steps, config.steps),
+                           "lr": self._lr(self.step - 1),
                            "grad_norm": grad_norm, "tokens_per_second": speed})
                 bar.set_postfix_str(f"loss {loss:.3f} {metric_name} {metric:.3f} {speed:,.0f} tok/s")
             if evaluate:
