@@ -99,13 +99,20 @@ def choose_impl(config: RunConfig, device: torch.device, seq_len: int) -> str:
     return resolve_impl(config.impl, device, config.chunk_size, **self_test)
 
 
+def stream_block(task: Task, split: str, seed: int, index: int, steps: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Block ``index`` of ``split``'s stream for run seed ``seed``: ``steps`` batches as ``inputs, targets``
+    ``[steps, batch_size, seq_len]`` on the CPU, one ``task.batch`` call from ``split_generator(seed, split, index)``."""
+    inputs, targets = task.batch(split, steps * batch_size, split_generator(seed, split, index))
+    shape = (steps, batch_size, -1)
+    return inputs.view(shape), targets.view(shape)
+
+
 class BatchStream:
     """The batches of one split, step by step: the batch of step ``s`` depends only on the task, the seed, the
     batch size and ``s``, so a resumed run continues the same stream.
 
-    Steps come in blocks of about ``BLOCK_TOKENS`` tokens: block ``i`` is one ``task.batch`` call on the
-    CPU from ``split_generator(seed, split, i)`` (the same stream on every device), copied to the device at
-    once; a step then only indexes into it.
+    Steps come in blocks of about ``BLOCK_TOKENS`` tokens: block ``i`` is ``stream_block(..., i, ...)`` on the
+    CPU (the same stream on every device), copied to the device at once; a step then only indexes into it.
     """
 
     def __init__(self, task: Task, split: str, seed: int, batch_size: int, device: torch.device):
@@ -117,12 +124,10 @@ class BatchStream:
         """``inputs, targets`` ``[batch_size, seq_len]`` of step ``step``, on the device."""
         index = step // self.block_steps
         if index != self.block_index:
-            inputs, targets = self.task.batch(self.split, self.block_steps * self.batch_size,
-                                              split_generator(self.seed, self.split, index))
-            shape = (self.block_steps, self.batch_size, -1)
+            block = stream_block(self.task, self.split, self.seed, index, self.block_steps, self.batch_size)
             pin = self.device.type == "cuda"   # pinned memory: the copy does not wait for the device
-            self.inputs, self.targets = ((t.view(shape).pin_memory() if pin else t.view(shape)).to(self.device, non_blocking=True)
-                                         for t in (inputs, targets))
+            self.inputs, self.targets = ((t.pin_memory() if pin else t).to(self.device, non_blocking=True)
+                                         for t in block)
             self.block_index = index
         return self.inputs[step % self.block_steps], self.targets[step % self.block_steps]
 
@@ -302,10 +307,8 @@ class Trainer:
         same at every evaluation (block 0 of the split's stream)."""
         if split not in self.eval_sets:
             config = self.config
-            inputs, targets = self.task.batch(split, config.eval_batches * config.batch_size,
-                                              split_generator(config.seed, split))
-            shape = (config.eval_batches, config.batch_size, -1)
-            self.eval_sets[split] = (inputs.view(shape).to(self.device), targets.view(shape).to(self.device))
+            inputs, targets = stream_block(self.task, split, config.seed, 0, config.eval_batches, config.batch_size)
+            self.eval_sets[split] = (inputs.to(self.device), targets.to(self.device))
         return self.eval_sets[split]
 
     @torch.no_grad()
