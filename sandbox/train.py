@@ -232,8 +232,8 @@ class Trainer:
         self.eval_sets: dict[str, tuple[Tensor, Tensor]] = {}
         self.step = 0
         self.checkpoint_step: int | None = None
-        # Speed: time and count of the training steps, summed over resumed sessions; the first step of each
-        # session is left out (it compiles kernels and warms caches) unless it is the only one.
+        # Speed: time and count of the training steps, summed over resumed sessions; each session's warm-up
+        # steps (compilation, CUDA-graph capture) are left out unless it has no others (see _loop).
         self.train_seconds, self.timed_steps = 0.0, 0
         self.wall_seconds = 0.0
 
