@@ -1,13 +1,17 @@
 """Per-kernel CUDA time of every rule under launch-option variants (experiment helper, GPU only).
 
     PYTHONPATH=. python scripts/kernel_sweep.py --out results/
+    PYTHONPATH=. python scripts/kernel_sweep.py --variant base --baseline /tmp/old_kernels
 
 Each variant overrides some kernels' options on top of ``sandbox.kernels._launch_config``; the results chose
 its defaults (BENCHMARKS.md, "Kernel speed work"). Compiles every variant in parallel processes first
 (Triton's disk cache is shared), then times them one by one at the large shape, and the defaults at the small.
+``--baseline DIR`` also times a copy of an earlier ``sandbox/kernels`` package (e.g. from ``git archive``)
+as the variant ``baseline``, in the same process, so a code change is measured against its predecessor.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,12 +37,33 @@ VARIANTS = {
     "par_w8": {"forward_output": {"num_warps": 8}, "backward_intra": {"num_warps": 8}},
     "scan_s2": {s: {"num_stages": 2} for s in SCANS},
     "scan_bv64_w8": {s: {"BV": 64, "num_warps": 8} for s in SCANS},
+    "scan_bv32_w4": {s: {"BV": 32, "num_warps": 4} for s in SCANS},
+    "prep_w8": {"prepare": {"num_warps": 8}},
 }
 SHAPE = (8, 4096, 16, 128)
 original = kernels._launch_config
+original_forward = kernels.triton_forward
+baseline_forward = None
+
+
+def load_baseline(path: Path) -> None:
+    """Import the package copy at ``path`` under another name; its ``triton_forward`` becomes the baseline."""
+    global baseline_forward
+    spec = importlib.util.spec_from_file_location("baseline_kernels", path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_kernels"] = module
+    spec.loader.exec_module(module)
+    baseline_forward = module.triton_forward
 
 
 def use_variant(name: str) -> None:
+    """Route ``rule.triton`` to the baseline copy, or to this package with the variant's options."""
+    if name == "baseline":
+        kernels.triton_forward = baseline_forward
+        return
+    kernels.triton_forward = original_forward
+
     def patched(q, K, V, switches):
         cfg = original(q, K, V, switches)
         for kernel, options in VARIANTS[name].items():
@@ -84,12 +109,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--compile")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (repeatable)")
+    parser.add_argument("--baseline", type=Path, help="a copy of an earlier sandbox/kernels, timed as 'baseline'")
     args = parser.parse_args()
+    if args.baseline:
+        load_baseline(args.baseline)
     if args.compile:
         compile_variant(args.compile)
         return
-    variants = args.variant or list(VARIANTS)
-    procs = [subprocess.Popen([sys.executable, __file__, "--compile", name]) for name in variants]
+    variants = (["baseline"] if args.baseline else []) + (args.variant or list(VARIANTS))
+    baseline = ["--baseline", str(args.baseline)] if args.baseline else []
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile", name, *baseline]) for name in variants]
     for proc in procs:
         proc.wait()
     results = {}

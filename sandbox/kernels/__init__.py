@@ -31,17 +31,20 @@ GATES = ("log_alpha", "beta", "log_mu", "eta")
 
 
 def _chunk_gates(gates: list[Tensor | None], chunks: int, C: int, switches: dict) -> list[Tensor | None]:
-    """The gates ``[B, T, H]`` -> float32 ``[B * H, N * C]``, zero-padded, log gates as chunk-local cumsums
-    (``gates.py``), in one launch."""
+    """The gates ``[B, T, H]`` -> float32 ``[B * H, N * C]``, zero-padded, log gates as chunk-local cumsums,
+    then, with momentum, the chunks' ``bMs`` and ``Gamma[C, :]`` rows (``gates.py``), in one launch."""
     present = [g for g in gates if g is not None]
     if not present:
-        return [None] * len(gates)
+        return [None] * (len(gates) + 2)
     B, T, H = present[0].shape
     gates = [None if g is None else g.contiguous() for g in gates]
-    out = [None if g is None else torch.empty(B * H, chunks * C, device=g.device, dtype=torch.float32)
-           for g in gates]
-    gates_forward_kernel[(chunks, B * H)](*gates, *out, T, H, chunks, C=C, **switches)
-    return out
+
+    def buffer():
+        return torch.empty(B * H, chunks * C, device=present[0].device, dtype=torch.float32)
+    out = [None if g is None else buffer() for g in gates]
+    carry = [buffer(), buffer()] if switches["MOMENTUM"] else [None, None]
+    gates_forward_kernel[(chunks, B * H)](*gates, *out, *carry, T, H, chunks, C=C, **switches)
+    return out + carry
 
 
 def _gate_grads(d_gates: list[Tensor | None], gates: list[Tensor | None], C: int, switches: dict
@@ -145,7 +148,7 @@ class ChunkRuleFunction(torch.autograd.Function):
         N = triton.cdiv(T, C)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         switches = {"DECAY": log_alpha is not None, "BETA": beta is not None, "MOMENTUM": rule.momentum}
-        gA, b, gM, e = _chunk_gates([log_alpha, beta, log_mu, eta], N, C, switches)
+        gA, b, gM, e, bms, gc = _chunk_gates([log_alpha, beta, log_mu, eta], N, C, switches)
         cfg = _launch_config(q, K, V, {**switches, "DELTA": rule.delta})
         f32 = {"device": q.device, "dtype": torch.float32}
         kept = {"device": q.device, "dtype": _between_kernels_dtype(q, K, V)}
@@ -163,17 +166,17 @@ class ChunkRuleFunction(torch.autograd.Function):
         S_out = torch.empty(B, H, K, V, **f32)
         M_out = torch.empty(B, H, K, V, **f32) if rule.momentum else None
         grid = (triton.cdiv(V, cfg["forward_scan"]["BV"]), B * H)
-        forward_scan_kernel[grid](k, v, gA, b, gM, e, tm, S_init, M_init, u, s_chunks, m_chunks, S_out, M_out,
+        forward_scan_kernel[grid](k, v, gA, b, gM, e, bms, gc, tm, S_init, M_init, u, s_chunks, m_chunks, S_out, M_out,
                                   T, H, K, V, N, C=C, DELTA=rule.delta, HAS_INITIAL=S_init is not None,
                                   PREC=cfg["PREC"], **switches, **cfg["forward_scan"])
         o = torch.empty_like(v)
         grid = (N, B * H, triton.cdiv(V, cfg["forward_output"]["BV"]))
-        forward_output_kernel[grid](q, k, u, gA, b, gM, e, s_chunks, m_chunks, o, scale, T, H, K, V, N, C=C,
+        forward_output_kernel[grid](q, k, u, gA, b, gM, e, bms, s_chunks, m_chunks, o, scale, T, H, K, V, N, C=C,
                                     PREC=cfg["PREC"], **switches, **cfg["forward_output"])
         if not save:
             u = s_chunks = m_chunks = None
 
-        ctx.save_for_backward(q, k, v, gA, b, gM, e, tm, u, s_chunks, m_chunks, log_alpha, beta, log_mu, eta,
+        ctx.save_for_backward(q, k, v, gA, b, gM, e, bms, gc, tm, u, s_chunks, m_chunks, log_alpha, beta, log_mu, eta,
                               S_init, M_init)
         ctx.rule, ctx.scale, ctx.C, ctx.cfg, ctx.switches = rule, scale, C, cfg, switches
         ctx.set_materialize_grads(False)
@@ -181,7 +184,7 @@ class ChunkRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do: Tensor, dS_final: Tensor | None, dM_final: Tensor | None = None):
-        (q, k, v, gA, b, gM, e, tm, u, s_chunks, m_chunks, log_alpha, beta, log_mu, eta,
+        (q, k, v, gA, b, gM, e, bms, gc, tm, u, s_chunks, m_chunks, log_alpha, beta, log_mu, eta,
          S_init, M_init) = ctx.saved_tensors
         rule, scale, C, cfg, switches = ctx.rule, ctx.scale, ctx.C, ctx.cfg, ctx.switches
         B, T, H, K = q.shape
@@ -207,7 +210,7 @@ class ChunkRuleFunction(torch.autograd.Function):
         backward_intra_kernel[(N, B * H)](q, k, u, do, gA, b, gM, e, dr, dw, scale, T, H, K, V, N, C=C,
                                           PREC=cfg["PREC"], **switches, **cfg["backward_intra"])
         grid = (triton.cdiv(V, cfg["backward_scan"]["BV"]), B * H)
-        backward_scan_kernel[grid](q, k, do, gA, b, gM, e, tm, dS_final, dM_final, dr, ds_chunks, dm_chunks,
+        backward_scan_kernel[grid](q, k, do, gA, b, gM, e, bms, gc, tm, dS_final, dM_final, dr, ds_chunks, dm_chunks,
                                    dS_init, dM_init, scale, T, H, K, V, N, C=C, DELTA=rule.delta,
                                    HAS_DFINAL=has_dfinal, PREC=cfg["PREC"], **switches, **cfg["backward_scan"])
 
@@ -217,7 +220,7 @@ class ChunkRuleFunction(torch.autograd.Function):
         dv = dr if v.dtype == torch.float32 else torch.empty_like(v)
         k_tiles = triton.cdiv(K, cfg["backward_chunk"]["BK"])
         d_gates = [torch.empty(k_tiles, *g.shape, **f32) if g is not None else None for g in (gA, b, gM, e)]
-        backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, u, dr, dw, s_chunks, m_chunks,
+        backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, bms, gc, u, dr, dw, s_chunks, m_chunks,
                                                    ds_chunks, dm_chunks, dq, dk, dv, *d_gates, scale,
                                                    T, H, K, V, N, C=C, DELTA=rule.delta,
                                                    STORE_DV=dv is not dr, PREC=cfg["PREC"],

@@ -59,13 +59,6 @@ def _upper(g, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _last(x):
-    """The last entry of a vector (the chunk's end), as a scalar."""
-    C: tl.constexpr = x.shape[0]
-    return tl.sum(tl.where(tl.arange(0, C) == C - 1, x, 0.0), axis=0)
-
-
-@triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     """``a @ b`` with float32 sums: two half operands of one dtype go to the tensor cores as they are (exact
     products), anything else in float32 with the precision PREC."""
@@ -88,30 +81,28 @@ def _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, offset, C: tl.constexpr,
 
 
 @triton.jit
-def _momentum_carry(Las, b, gM):
-    """Carry-in weights of M0: ``bMs = Las (b Mu)`` (for U) and ``bM = bMs + b Mu`` (for O and S_C)."""
-    bMu = b * tl.exp(gM)
-    bMs = tl.sum(Las * bMu[None, :], axis=1)
-    return bMs, bMs + bMu
+def _momentum_weights(bms_ptr, offset, b, gM):
+    """Carry-in weights of M0: ``bMs = Las (b Mu)`` (for U; from the gate glue) and ``bM = bMs + b Mu`` (for
+    O and S_C)."""
+    C: tl.constexpr = b.shape[0]
+    bMs = tl.load(bms_ptr + offset + tl.arange(0, C))
+    return bMs, bMs + b * tl.exp(gM)
 
 
 @triton.jit
 def _intra_chunk(gA, b, gM, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
-    """``Las, Lm, Gs, Gamma, bMs, bM`` of one chunk (Lm, bMs, bM are zeros without momentum)."""
+    """``Las, Lm, Gs, Gamma`` of one chunk (Lm is zeros without momentum)."""
     Las = _lower(gA, True)
     if MOMENTUM:
         Lm = _lower(gM, False)
         bLm = b[:, None] * Lm
         Gs = tl.dot(Las, bLm, input_precision=PREC)
         Gamma = Gs + bLm
-        bMs, bM = _momentum_carry(Las, b, gM)
     else:
         Lm = tl.zeros_like(Las)
         Gs = Las * b[None, :]
         Gamma = _lower(gA, False) * b[None, :]
-        bMs = tl.zeros_like(b)
-        bM = tl.zeros_like(b)
-    return Las, Lm, Gs, Gamma, bMs, bM
+    return Las, Lm, Gs, Gamma
 
 
 @triton.jit
@@ -131,20 +122,30 @@ def _intra_chunk_transposed(gA, b, gM, MOMENTUM: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
-def _chunk_end(gA, b, gM, MOMENTUM: tl.constexpr):
-    """End-of-chunk rows: ``Gamma[C, :]``, ``Lm[C, :]``, and the scalars ``A_C, bM_C, Mu_C``."""
-    gA_C = _last(gA)
-    to_end = tl.exp(gA_C - gA)                          # A_C / A_i
-    A_C = tl.exp(gA_C)
-    if MOMENTUM:
-        gM_C = _last(gM)
-        Lm = _lower(gM, False)
-        gamma_C = tl.sum((b * to_end)[:, None] * Lm, axis=0)
-        lm_C = tl.exp(gM_C - gM)
-        bM_C = tl.sum(b * to_end * tl.exp(gM), axis=0)
-        Mu_C = tl.exp(gM_C)
+def _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, offset, gA, b, gM,
+               DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr):
+    """End-of-chunk rows: ``Gamma[C, :]``, ``Lm[C, :]``, and the scalars ``A_C, bM_C, Mu_C``.
+
+    The chunk's last gates are loaded as scalars (no reduction), and with momentum ``Gamma[C, :]`` and
+    ``bM_C = bMs_C + b_C Mu_C`` come from the gate glue, which builds them once per chunk.
+    """
+    C: tl.constexpr = gA.shape[0]
+    end = offset + C - 1
+    if DECAY:
+        gA_C = tl.load(gA_ptr + end)
+        A_C = tl.exp(gA_C)
     else:
-        gamma_C = b * to_end
+        gA_C = 0.0
+        A_C = 1.0
+    if MOMENTUM:
+        gM_C = tl.load(gM_ptr + end)
+        b_C = tl.load(b_ptr + end) if BETA else 1.0
+        Mu_C = tl.exp(gM_C)
+        gamma_C = tl.load(gc_ptr + offset + tl.arange(0, C))
+        lm_C = tl.exp(gM_C - gM)
+        bM_C = tl.load(bms_ptr + end) + b_C * Mu_C
+    else:
+        gamma_C = b * tl.exp(gA_C - gA)             # b_i A_C / A_i
         lm_C = tl.zeros_like(b)
         bM_C = 0.0
         Mu_C = 0.0
@@ -212,7 +213,7 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
                 other=0.0).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, tl.cast(i_bh, tl.int64) * N * C + i_n * C, C,
                                DECAY, BETA, MOMENTUM)
-    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, "tf32x3")
+    Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, "tf32x3")
     kk = k * e[:, None]
     Amat = Gs * tl.dot(k, tl.trans(kk), input_precision="tf32x3")
 
@@ -223,7 +224,7 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
 
 
 @triton.jit
-def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
+def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_ptr, tm_ptr,
                         s_init_ptr, m_init_ptr, u_ptr, s_chunks_ptr, m_chunks_ptr, s_out_ptr, m_out_ptr,
                         T, H, K, V, N,
                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -266,14 +267,15 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
                     other=0.0).to(tl.float32)
         v = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
-        gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
+        gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
+                                                    DECAY, BETA, MOMENTUM)
         kk = k * e[:, None]
 
         if DELTA:
             Tm = tl.load(tm_ptr + chunk * C * C + r * C + c)
             R = v - tl.dot(tl.exp(gA)[:, None] * k, S, input_precision=PREC)
             if MOMENTUM:
-                bMs, bM = _momentum_carry(_lower(gA, True), b, gM)
+                bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
                 R += tl.dot(bMs[:, None] * k, M, input_precision=PREC)
             U = tl.dot(Tm, R, input_precision=PREC)
             tl.store(u_ptr + rows[:, None] * V + dv[None, :], U.to(u_ptr.dtype.element_ty), mask=v_mask)
@@ -292,7 +294,8 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
 
 
 @triton.jit
-def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, s_chunks_ptr, m_chunks_ptr, o_ptr,
+def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, s_chunks_ptr, m_chunks_ptr,
+                          o_ptr,
                           scale, T, H, K, V, N,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
@@ -320,13 +323,14 @@ def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, s_c
     k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
     U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
-    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
+    Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
     W = Gamma * e[None, :] * tl.dot(q, tl.trans(k), input_precision=PREC)
     S0 = tl.load(s_chunks_ptr + state_offset, mask=state_mask, other=0.0)
     # diag(A) Q S0 as diag(A) (Q S0): Q and S0 as stored (bf16 products for bf16 inputs), the gate after
     o = tl.exp(gA)[:, None] * _dot(q, S0, PREC) + tl.dot(W, U, input_precision=PREC)
     if MOMENTUM:
         M0 = tl.load(m_chunks_ptr + state_offset, mask=state_mask, other=0.0)
+        bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
         o -= bM[:, None] * _dot(q, M0, PREC)
     tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=v_mask)
 
@@ -373,7 +377,7 @@ def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
 
 
 @triton.jit
-def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr,
+def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_ptr, tm_ptr,
                          ds_final_ptr, dm_final_ptr, dr_ptr, ds_chunks_ptr, dm_chunks_ptr, ds_init_ptr, dm_init_ptr,
                          scale, T, H, K, V, N,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -420,7 +424,8 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
         k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
         do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
-        gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
+        gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
+                                                    DECAY, BETA, MOMENTUM)
         A = tl.exp(gA)
         kk = k * e[:, None]
 
@@ -439,7 +444,7 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
         if DELTA:
             dS0 -= tl.dot(tl.trans(A[:, None] * k), dR, input_precision=PREC)
         if MOMENTUM:
-            bMs, bM = _momentum_carry(_lower(gA, True), b, gM)
+            bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
             dM0 = Mu_C * dM - bM_C * dS - tl.dot(tl.trans(bM[:, None] * q), do, input_precision=PREC)
             if DELTA:
                 dM0 += tl.dot(tl.trans(bMs[:, None] * k), dR, input_precision=PREC)
@@ -452,7 +457,8 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_
 
 
 @triton.jit
-def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, u_ptr, dr_ptr, dw_ptr,
+def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_ptr,
+                          u_ptr, dr_ptr, dw_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
                           dq_ptr, dk_ptr, dv_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
                           scale, T, H, K, V, N,
@@ -485,9 +491,13 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
-    Las, Lm, Gs, Gamma, bMs, bM = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
-    LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
-    gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA, b, gM, MOMENTUM)
+    gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
+                                                DECAY, BETA, MOMENTUM)
+    if MOMENTUM:
+        bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
+    else:
+        bMs = tl.zeros_like(b)
+        bM = tl.zeros_like(b)
     A = tl.exp(gA)
     kk = k * e[:, None]
 
@@ -559,6 +569,9 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
             dAm -= _dot(dR, tl.trans(U), PREC)
             dAmT -= _dot(U, tl.trans(dR), PREC)
 
+    # The C x C intra-chunk matrices only now: built before the V loop, they held registers all through it.
+    Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
+    LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
     is_end = tl.arange(0, C) == C - 1
