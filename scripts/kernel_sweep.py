@@ -24,7 +24,8 @@ import triton.testing
 import sandbox.kernels as kernels
 from gpu_kernel_check import RULES, training_step
 
-KERNELS = ("prepare", "forward_scan", "forward_output", "backward_intra", "backward_scan", "backward_chunk",
+KERNELS = ("prepare", "forward_scan", "forward_output", "backward_intra", "backward_scan", "backward_matrices",
+           "backward_chunk",
            "gates_forward", "gates_backward")
 SCANS = ("forward_scan", "backward_scan")
 VARIANTS = {
@@ -39,6 +40,13 @@ VARIANTS = {
     "scan_bv64_w8": {s: {"BV": 64, "num_warps": 8} for s in SCANS},
     "scan_bv32_w4": {s: {"BV": 32, "num_warps": 4} for s in SCANS},
     "prep_w8": {"prepare": {"num_warps": 8}},
+    "chunk_bv32": {"backward_chunk": {"BV": 32}},
+    "chunk_w8": {"backward_chunk": {"num_warps": 8}},
+    "chunk_bv32_w8": {"backward_chunk": {"BV": 32, "num_warps": 8}},
+    "chunk_bv16": {"backward_chunk": {"BV": 16}},
+    "chunk_bk32": {"backward_chunk": {"BK": 32}},
+    "mat_w4": {"backward_matrices": {"num_warps": 4}},
+    "mat_bv32_s2": {"backward_matrices": {"BV": 32, "num_stages": 2}},
 }
 SHAPE = (8, 4096, 16, 128)
 original = kernels._launch_config

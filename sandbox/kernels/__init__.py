@@ -3,7 +3,7 @@
 ``triton_forward`` runs the kernels of ``chunk.py`` through one ``torch.autograd.Function``; its backward is
 the hand-derived chunkwise backward (``chunk.py``), never autograd through a reference. The gate glue (casts,
 padding, chunk-local cumsums and their reverse) is one kernel each way (``gates.py``); what is left here is
-buffer set-up: about five launches forward and five backward.
+buffer set-up: about five launches forward and six backward.
 
 Layout ``[B, T, H, D]``; gates are handled as float32 ``[B * H, N * C]`` (padded to whole chunks with
 log-gates 0 and beta = eta = 0, which leaves the states unchanged); initial and final states float32
@@ -23,8 +23,8 @@ from torch import Tensor
 
 from sandbox.rules.base import Inputs, Rule, State
 
-from .chunk import (backward_chunk_kernel, backward_intra_kernel, backward_scan_kernel, forward_output_kernel,
-                    forward_scan_kernel, prepare_kernel)
+from .chunk import (backward_chunk_kernel, backward_intra_kernel, backward_matrices_kernel, backward_scan_kernel,
+                    forward_output_kernel, forward_scan_kernel, prepare_kernel)
 from .gates import gates_backward_kernel, gates_forward_kernel
 
 GATES = ("log_alpha", "beta", "log_mu", "eta")
@@ -47,17 +47,18 @@ def _chunk_gates(gates: list[Tensor | None], chunks: int, C: int, switches: dict
     return out + carry
 
 
-def _gate_grads(d_gates: list[Tensor | None], gates: list[Tensor | None], C: int, switches: dict
-                ) -> list[Tensor | None]:
-    """The kernels' gate-gradient shares ``[K tiles, B * H, N * C]`` -> ``[B, T, H]`` in each gate's dtype,
-    in one launch (``gates.py``)."""
+def _gate_grads(vec: Tensor, mat: Tensor | None, chunked: list[Tensor | None], gates: list[Tensor | None],
+                C: int, k_tiles: int, switches: dict) -> list[Tensor | None]:
+    """The kernels' two shares of the gate gradients (``chunk.py``: per-K-tile vectors ``vec``, the matrix
+    share ``mat``) -> ``[B, T, H]`` in each gate's dtype, in one launch (``gates.py``). ``chunked``: the
+    forward's float32 chunked gates."""
     present = [g for g in gates if g is not None]
     if not present:
         return [None] * len(gates)
     B, T, H = present[0].shape
-    k_tiles, _, length = next(d for d in d_gates if d is not None).shape
+    chunks = vec.shape[-1] // C
     grads = [None if g is None else torch.empty(B, T, H, device=g.device, dtype=g.dtype) for g in gates]
-    gates_backward_kernel[(length // C, B * H)](*d_gates, *grads, T, H, length // C, k_tiles, C=C, **switches)
+    gates_backward_kernel[(chunks, B * H)](vec, mat, *chunked, *grads, T, H, chunks, k_tiles, C=C, **switches)
     return grads
 
 
@@ -74,7 +75,8 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
         BV = max(16, triton.next_power_of_2(V))
         return {"PREC": prec, "prepare": {"BK": BK}, "forward_scan": {"BK": BK, "BV": BV},
                 "forward_output": {"BK": BK, "BV": BV}, "backward_intra": {"BK": BK, "BV": BV},
-                "backward_scan": {"BK": BK, "BV": BV}, "backward_chunk": {"BK": min(BK, 64), "BV": BV}}
+                "backward_scan": {"BK": BK, "BV": BV}, "backward_matrices": {"BK": BK, "BV": BV},
+                "backward_chunk": {"BK": min(BK, 64), "BV": BV}}
     V_pow2 = max(16, triton.next_power_of_2(V))
     BV = min(V_pow2, 32 if BK <= 128 else 16)
     plain = {"num_warps": 4, "num_stages": 1}
@@ -89,7 +91,7 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
         else:
             # Two stages prefetch the next chunk's K, V (and Tm) while this chunk's products run.
             forward_scan.update(num_stages=2)
-        if switches["MOMENTUM"]:
+        if switches["MOMENTUM"] and not switches["DELTA"]:
             backward_scan.update(BV=min(V_pow2, 64), num_warps=8)
     # The per-chunk backward holds many C x K and C x C accumulators: K in tiles of at most 64, and 8 warps
     # (fewer registers each) once decay or the delta correction adds theirs.
@@ -104,7 +106,7 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
         wide = min(V_pow2, 64)
         forward_output.update(BV=min(V_pow2, 128))
         if not switches["DELTA"] and not switches["MOMENTUM"]:            # linear, decay
-            backward_chunk.update(BV=wide)
+            backward_chunk.update(BV=wide, num_stages=2)
             forward_scan.update(BV=wide, num_warps=8)
             if switches["DECAY"]:
                 backward_scan.update(BV=wide, num_warps=8)
@@ -113,7 +115,7 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
         elif not switches["MOMENTUM"]:                                    # delta, gated_delta
             backward_chunk.update(num_stages=2)
         elif switches["DELTA"]:                                           # momentum_delta
-            backward_chunk.update(BV=wide)
+            backward_chunk.update(BV=wide, num_stages=2)
             backward_scan.update(num_stages=2)
         else:                                                             # decay_momentum
             backward_chunk.update(num_stages=2)
@@ -121,6 +123,8 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
             backward_scan.update(num_stages=2)
     return {"PREC": prec, "prepare": {"BK": BK, **plain}, "forward_scan": forward_scan,
             "forward_output": forward_output, "backward_intra": {"BK": BK, "BV": BV_out, **plain},
+            # (4 warps: faster than 8 at K = 128, and with 8 the momentum rules faulted at K = 16 in float32)
+            "backward_matrices": {"BK": BK, "BV": BV_out, **plain},
             "backward_scan": backward_scan, "backward_chunk": backward_chunk}
 
 
@@ -214,18 +218,28 @@ class ChunkRuleFunction(torch.autograd.Function):
                                    dS_init, dM_init, scale, T, H, K, V, N, C=C, DELTA=rule.delta,
                                    HAS_DFINAL=has_dfinal, PREC=cfg["PREC"], **switches, **cfg["backward_scan"])
 
+        # The C x C side once per chunk: dW becomes P = dW o Gamma in place, Qm = dAmat o Gs, and the matrix
+        # share of the gate gradients.
+        qm = torch.empty(B * H, N, C, C, **f32) if rule.delta else None
+        has_gates = any(g is not None for g in (gA, b, gM))
+        mat = torch.empty(4, B * H, N * C, **f32) if has_gates else None
+        backward_matrices_kernel[(N, B * H)](q, k, u, dr, gA, b, gM, e, dw, qm, mat, T, H, K, V, N, C=C,
+                                             DELTA=rule.delta, PREC=cfg["PREC"], **switches,
+                                             **cfg["backward_matrices"])
+
         # dq, dk, dv straight in the inputs' dtypes (dR stays float32: backward_chunk reads it).
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = dr if v.dtype == torch.float32 else torch.empty_like(v)
         k_tiles = triton.cdiv(K, cfg["backward_chunk"]["BK"])
-        d_gates = [torch.empty(k_tiles, *g.shape, **f32) if g is not None else None for g in (gA, b, gM, e)]
-        backward_chunk_kernel[(N, B * H, k_tiles)](q, k, v, do, gA, b, gM, e, bms, gc, u, dr, dw, s_chunks, m_chunks,
-                                                   ds_chunks, dm_chunks, dq, dk, dv, *d_gates, scale,
-                                                   T, H, K, V, N, C=C, DELTA=rule.delta,
-                                                   STORE_DV=dv is not dr, PREC=cfg["PREC"],
-                                                   **switches, **cfg["backward_chunk"])
-        grads = _gate_grads(d_gates, [log_alpha, beta, log_mu, eta], C, switches)
+        vec = torch.empty(k_tiles, 7, B * H, N * C, **f32)
+        backward_chunk_kernel[(N * k_tiles, B * H)](q, k, v, do, gA, b, gM, e, bms, gc, u, dr, dw, qm,
+                                                    s_chunks, m_chunks, ds_chunks, dm_chunks, dq, dk, dv, vec,
+                                                    scale, T, H, K, V, N, C=C, DELTA=rule.delta,
+                                                    STORE_DV=dv is not dr, PREC=cfg["PREC"],
+                                                    **switches, **cfg["backward_chunk"])
+        grads = _gate_grads(vec, mat, [gA, b, gM, e], [log_alpha, beta, log_mu, eta], C, k_tiles,
+                            {**switches, "PREC": cfg["PREC"]})
         dS_init_out = None if S_init is None else dS_init
         dM_init_out = None if M_init is None else dM_init
         return (None, None, None, dq, dk, dv, *grads, dS_init_out, dM_init_out)

@@ -209,13 +209,12 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
     t = i_n * C + tl.arange(0, C)
     d = tl.arange(0, BK)
     rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    k = tl.load(k_ptr + rows[:, None] * K + d[None, :], mask=(t[:, None] < T) & (d[None, :] < K),
-                other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + rows[:, None] * K + d[None, :], mask=(t[:, None] < T) & (d[None, :] < K), other=0.0)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, tl.cast(i_bh, tl.int64) * N * C + i_n * C, C,
                                DECAY, BETA, MOMENTUM)
     Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, "tf32x3")
-    kk = k * e[:, None]
-    Amat = Gs * tl.dot(k, tl.trans(kk), input_precision="tf32x3")
+    # K K^T in k's own dtype (exact products, float32 sums), eta on its columns after
+    Amat = Gs * _dot(k, tl.trans(k), "tf32x3") * e[None, :]
 
     Tm = _unit_lower_inverse(Amat)
     r = tl.arange(0, C)[:, None]
@@ -263,29 +262,28 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_
         rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
         row_ok = t[:, None] < T
         v_mask = row_ok & (dv[None, :] < V)
-        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=row_ok & (dk[None, :] < K),
-                    other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=row_ok & (dk[None, :] < K), other=0.0)
         v = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
         gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
                                                     DECAY, BETA, MOMENTUM)
-        kk = k * e[:, None]
 
+        # The gates scale rows of the C x BV products (or of U), so every product takes K itself as operand.
         if DELTA:
             Tm = tl.load(tm_ptr + chunk * C * C + r * C + c)
-            R = v - tl.dot(tl.exp(gA)[:, None] * k, S, input_precision=PREC)
+            R = v - tl.exp(gA)[:, None] * _dot(k, S, PREC)
             if MOMENTUM:
                 bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
-                R += tl.dot(bMs[:, None] * k, M, input_precision=PREC)
+                R += bMs[:, None] * _dot(k, M, PREC)
             U = tl.dot(Tm, R, input_precision=PREC)
             tl.store(u_ptr + rows[:, None] * V + dv[None, :], U.to(u_ptr.dtype.element_ty), mask=v_mask)
         else:
             U = v
 
-        S_next = A_C * S + tl.dot(tl.trans(gamma_C[:, None] * kk), U, input_precision=PREC)
+        S_next = A_C * S + _dot(tl.trans(k), (e * gamma_C)[:, None] * U, PREC)
         if MOMENTUM:
             S_next -= bM_C * M
-            M = Mu_C * M - tl.dot(tl.trans(lm_C[:, None] * kk), U, input_precision=PREC)
+            M = Mu_C * M - _dot(tl.trans(k), (e * lm_C)[:, None] * U, PREC)
         S = S_next
 
     tl.store(s_out_ptr + bh_state + state_offset, S, mask=state_mask)
@@ -420,19 +418,19 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
         row_ok = t[:, None] < T
         qk_mask = row_ok & (dk[None, :] < K)
         v_mask = row_ok & (dv[None, :] < V)
-        q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
         do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
         gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
                                                     DECAY, BETA, MOMENTUM)
         A = tl.exp(gA)
-        kk = k * e[:, None]
 
+        # As in forward_scan: the gates scale rows of the C x BV operands and products, Q and K stay as loaded.
         dU = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-        dU += tl.dot(gamma_C[:, None] * kk, dS, input_precision=PREC)
+        dU += (e * gamma_C)[:, None] * _dot(k, dS, PREC)
         if MOMENTUM:
-            dU -= tl.dot(lm_C[:, None] * kk, dM, input_precision=PREC)
+            dU -= (e * lm_C)[:, None] * _dot(k, dM, PREC)
         if DELTA:
             Tm = tl.load(tm_ptr + chunk * C * C + r * C + c)
             dR = tl.dot(tl.trans(Tm), dU, input_precision=PREC)
@@ -440,14 +438,14 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
             dR = dU
         tl.store(dr_ptr + rows[:, None] * V + dv[None, :], dR, mask=v_mask)
 
-        dS0 = tl.dot(tl.trans(A[:, None] * q), do, input_precision=PREC) + A_C * dS
+        dS0 = _dot(tl.trans(q), A[:, None] * do, PREC) + A_C * dS
         if DELTA:
-            dS0 -= tl.dot(tl.trans(A[:, None] * k), dR, input_precision=PREC)
+            dS0 -= _dot(tl.trans(k), A[:, None] * dR, PREC)
         if MOMENTUM:
             bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
-            dM0 = Mu_C * dM - bM_C * dS - tl.dot(tl.trans(bM[:, None] * q), do, input_precision=PREC)
+            dM0 = Mu_C * dM - bM_C * dS - _dot(tl.trans(q), bM[:, None] * do, PREC)
             if DELTA:
-                dM0 += tl.dot(tl.trans(bMs[:, None] * k), dR, input_precision=PREC)
+                dM0 += _dot(tl.trans(k), bMs[:, None] * dR, PREC)
             dM = dM0
         dS = dS0
 
@@ -457,29 +455,147 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
 
 
 @triton.jit
+def _gate_chain(dGamma, dGs, dLm, dA, dbM, dbMs, dMu, gA, b, gM, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """From gradients of the intra-chunk matrices and weights to those of the chunk-local cumulative gates.
+
+    In: d(Gamma), d(Gs) (the delta rule's part, through Amat = Gs o K KK^T), d(Lm) and the vectors d(A_t),
+    d(bM_t), d(bMs_t), d(Mu_t). Out: ``(dgA, db, dgM)``. The map is linear, so its callers split the inputs:
+    ``backward_matrices`` passes the C x C products, ``gates_backward_kernel`` the K-tile sums of the vector
+    gradients of ``backward_chunk``, and the two results add up.
+    """
+    Las = _lower(gA, True)
+    if MOMENTUM:
+        Lm = _lower(gM, False)
+        Mu = tl.exp(gM)
+        # Gamma = Gs + diag(b) Lm
+        dGs += dGamma
+        db = tl.sum(dGamma * Lm, axis=1)
+        dLm += b[:, None] * dGamma
+        # Gs = Las (diag(b) Lm)
+        dLas = tl.dot(dGs, _upper(gM, False) * b[None, :], input_precision=PREC)
+        dY = tl.dot(_upper(gA, True), dGs, input_precision=PREC)
+        db += tl.sum(dY * Lm, axis=1)
+        dLm += b[:, None] * dY
+        # bM = bMs + b Mu,  bMs = Las (b Mu)
+        dbMs += dbM
+        db += dbM * Mu
+        dMu += dbM * b
+        dLas += dbMs[:, None] * (b * Mu)[None, :]
+        through_las = tl.sum(Las * dbMs[:, None], axis=0)
+        db += Mu * through_las
+        dMu += b * through_las
+        Fm = dLm * Lm
+        dgM = tl.sum(Fm, axis=1) - tl.sum(Fm, axis=0) + dMu * Mu
+    else:
+        # Gamma = (Las + I) diag(b), Gs = Las diag(b)
+        C: tl.constexpr = gA.shape[0]
+        r = tl.arange(0, C)[:, None]
+        c = tl.arange(0, C)[None, :]
+        db = tl.sum(tl.where(r == c, dGamma, 0.0), axis=0)
+        dGs += tl.where(c < r, dGamma, 0.0)
+        dLas = dGs * b[None, :]
+        db += tl.sum(dGs * Las, axis=0)
+        dgM = tl.zeros_like(gA)
+    E = dLas * Las
+    dgA = tl.sum(E, axis=1) - tl.sum(E, axis=0) + dA * tl.exp(gA)
+    return dgA, db, dgM
+
+
+@triton.jit
+def backward_matrices_kernel(q_ptr, k_ptr, u_ptr, dr_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dw_ptr, qm_ptr, mat_ptr,
+                             T, H, K, V, N,
+                             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                             DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr,
+                             MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, batch-head), all of K at once: the C x C side of the backward, once per chunk.
+
+    Turns dW (``backward_intra``) into ``P = dW o Gamma`` in place and, for the delta rules, builds
+    ``dAmat = -dR U^T`` (a pass over V) and ``Qm = dAmat o Gs``; ``backward_chunk`` needs only P and Qm (and
+    their transposes, read transposed from memory) for the intra-chunk parts of dq and dk. Here, with all of
+    K, the gradients d(Gamma) = dW o (Q KK^T) and d(Gs) = dAmat o (K KK^T) go down the gate chain to this
+    chunk's matrix share of the gate gradients (``mat_ptr``: dgA, db, dgM, de planes), and eta's share
+    through dKK (sum_k K o dKK, with dKK = P^T Q + Qm^T K). Q K^T and K K^T are taken in the inputs' own
+    dtype (exact products, float32 sums), eta applied to their columns after.
+    """
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    dk = tl.arange(0, BK)
+    t = i_n * C + tl.arange(0, C)
+    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
+    row_ok = t[:, None] < T
+    qk_mask = row_ok & (dk[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
+    Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
+    r = tl.arange(0, C)[:, None]
+    c = tl.arange(0, C)[None, :]
+    cc = chunk * C * C + r * C + c
+
+    dW = tl.load(dw_ptr + cc)
+    QK = _dot(q, tl.trans(k), PREC)                     # q_t . k_j
+    P = dW * Gamma
+    tl.store(dw_ptr + cc, P)
+    dGamma = tl.where(c <= r, dW * QK * e[None, :], 0.0)
+    dGs = tl.zeros([C, C], dtype=tl.float32)
+    de = tl.sum(P * QK, axis=0)                         # sum_k K o (P^T Q)
+    if DELTA:
+        dAm = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            dv = i_v * BV + tl.arange(0, BV)
+            v_mask = row_ok & (dv[None, :] < V)
+            dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+            U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+            dAm -= _dot(dR, tl.trans(U), PREC)
+        KK = _dot(k, tl.trans(k), PREC)                 # k_t . k_j
+        Qm = dAm * Gs
+        tl.store(qm_ptr + cc, Qm)
+        # Amat = Gs o (K KK^T)
+        dGs = tl.where(c < r, dAm * KK * e[None, :], 0.0)
+        de += tl.sum(Qm * KK, axis=0)                   # sum_k K o (Qm^T K)
+    if DECAY or BETA or MOMENTUM:
+        zeros = tl.zeros([C], dtype=tl.float32)
+        dgA, db, dgM = _gate_chain(dGamma, dGs, tl.zeros([C, C], dtype=tl.float32), zeros, zeros, zeros, zeros,
+                                   gA, b, gM, MOMENTUM, PREC)
+        plane = tl.cast(tl.num_programs(1), tl.int64) * N * C
+        gate_t = chunk * C + tl.arange(0, C)
+        if DECAY:
+            tl.store(mat_ptr + gate_t, dgA)
+        if BETA:
+            tl.store(mat_ptr + plane + gate_t, db)
+        if MOMENTUM:
+            tl.store(mat_ptr + 2 * plane + gate_t, dgM)
+            tl.store(mat_ptr + 3 * plane + gate_t, de)
+
+
+@triton.jit
 def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_ptr,
-                          u_ptr, dr_ptr, dw_ptr,
+                          u_ptr, dr_ptr, pm_ptr, qm_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
-                          dq_ptr, dk_ptr, dv_ptr, dgA_ptr, db_ptr, dgM_ptr, de_ptr,
+                          dq_ptr, dk_ptr, dv_ptr, vec_ptr,
                           scale, T, H, K, V, N,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
                           STORE_DV: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, batch-head, K tile): dq, dk and this K tile's share of the gate gradients.
+    """Per (K tile and chunk, batch-head): dq, dk, and this K tile's share of the gates' vector gradients.
 
     With STORE_DV the first K tile also copies dV (the dR buffer, float32) out in v's dtype.
 
-    Loops over V tiles accumulating the products that reduce over V (dW, the same for every K tile, comes
-    from ``backward_intra``), then chains the C x C gradients (dW, dAmat, dGamma, dGs) down to the decay
-    matrices and the gates. Rows of dq and dk need only their own K tile; the gate gradients sum over K, and
-    the chain from the K-reduced products (Q KK^T, K dS, ...) to them is linear, so each K tile writes its
-    share (``[K tiles, B * H, N * C]``) and the glue sums them.
-    They are gradients of the chunk-local cumulative log gates; the glue turns them into gradients of the
-    log gates.
+    Loops over V tiles accumulating the products that reduce over V: the state terms of dq and dk, and,
+    multiplied by q or k and summed over this K tile, the gradients of the vectors A_t, bM_t, bMs_t,
+    Gamma[C, :], Lm[C, :], eta (and of A_C, bM_C, Mu_C, kept in the last entries). The intra-chunk parts of
+    dq and dk come from ``backward_matrices``' P and Qm. The vector gradients sum over K tiles and go down
+    the gate chain linearly, so each K tile writes its raw share (``vec_ptr``: ``[K tiles, 7, B * H, N * C]``)
+    and ``gates_backward_kernel`` sums and chains them. The K tiles of one chunk are neighbours in the grid
+    (``program_id(0) = chunk * K tiles + K tile``), so the second reads P and Qm from L2.
     """
-    i_n = tl.program_id(0)
+    k_tiles = tl.cdiv(K, BK)
+    i_n = tl.program_id(0) // k_tiles
+    i_k = tl.program_id(0) % k_tiles
     i_bh = tl.program_id(1)
-    i_k = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
     chunk = tl.cast(i_bh, tl.int64) * N + i_n
@@ -499,12 +615,9 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         bMs = tl.zeros_like(b)
         bM = tl.zeros_like(b)
     A = tl.exp(gA)
-    kk = k * e[:, None]
 
     acc_q = tl.zeros([C, BK], dtype=tl.float32)        # dq minus its intra-chunk attention part
     acc_k = tl.zeros([C, BK], dtype=tl.float32)        # dk from the state terms
-    dAm = tl.zeros([C, C], dtype=tl.float32)           # d(Amat) and its transpose
-    dAmT = tl.zeros([C, C], dtype=tl.float32)
     dA = tl.zeros([C], dtype=tl.float32)               # d(A_t), d(bM_t), d(bMs_t)
     dbM = tl.zeros([C], dtype=tl.float32)
     dbMs = tl.zeros([C], dtype=tl.float32)
@@ -566,73 +679,37 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
                 dRM = _dot(dR, tl.trans(M0), PREC)
                 dbMs += tl.sum(k * dRM, axis=1)
                 acc_k += bMs[:, None] * dRM
-            dAm -= _dot(dR, tl.trans(U), PREC)
-            dAmT -= _dot(U, tl.trans(dR), PREC)
 
-    # The C x C intra-chunk matrices only now: built before the V loop, they held registers all through it.
-    Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
-    LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
+    # The intra-chunk parts from P = dW o Gamma and Qm = dAmat o Gs; their transposes read transposed from
+    # memory (not by tl.trans of a dot result).
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
-    is_end = tl.arange(0, C) == C - 1
-    # d(Gamma o Q KK^T), and its transpose read back transposed from memory (not by tl.trans of a dot result).
-    dW = tl.load(dw_ptr + chunk * C * C + r * C + c)
-    dWT = tl.load(dw_ptr + chunk * C * C + c * C + r)
-    # O = scale * (... + (Gamma o Q KK^T) U): gradients of q, kk and Gamma.
-    dq = acc_q + tl.dot(dW * Gamma, kk, input_precision=PREC)
-    dKK = tl.dot(dWT * GammaT, q, input_precision=PREC)
-    dGamma = tl.where(c <= r, dW * tl.dot(q, tl.trans(kk), input_precision=PREC), 0.0)
-    dGamma += tl.where(r == C - 1, dgamma_C[None, :], 0.0)
+    kk = k * e[:, None]
+    P = tl.load(pm_ptr + chunk * C * C + r * C + c)
+    dq = acc_q + tl.dot(P, kk, input_precision=PREC)
+    PT = tl.load(pm_ptr + chunk * C * C + c * C + r)
+    dKK = tl.dot(PT, q, input_precision=PREC)
     dk_out = acc_k
-    dGs = tl.zeros([C, C], dtype=tl.float32)
     if DELTA:
-        # Amat = Gs o (K KK^T)
-        dGs = dAm * tl.dot(k, tl.trans(kk), input_precision=PREC) * tl.where(c < r, 1.0, 0.0)
-        dk_out += tl.dot(dAm * Gs, kk, input_precision=PREC)
-        dKK += tl.dot(dAmT * GsT, k, input_precision=PREC)
+        Qm = tl.load(qm_ptr + chunk * C * C + r * C + c)
+        dk_out += tl.dot(Qm, kk, input_precision=PREC)
+        QmT = tl.load(qm_ptr + chunk * C * C + c * C + r)
+        dKK += tl.dot(QmT, k, input_precision=PREC)
     dk_out += e[:, None] * dKK
     tl.store(dq_ptr + rows[:, None] * K + dk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)
     tl.store(dk_ptr + rows[:, None] * K + dk[None, :], dk_out.to(dk_ptr.dtype.element_ty), mask=qk_mask)
 
-    # Down to the gates. Gradients of the chunk-end quantities sit in the last row / entry.
-    gate_t = (tl.cast(i_k, tl.int64) * tl.num_programs(1) * N + chunk) * C + tl.arange(0, C)
-    dA += tl.where(is_end, dA_C, 0.0)
-    if MOMENTUM:
-        de += tl.sum(k * dKK, axis=1)
-        tl.store(de_ptr + gate_t, de)
-        Mu = tl.exp(gM)
-        dbM += tl.where(is_end, dbM_C, 0.0)
-        dMu = tl.where(is_end, dMu_C, 0.0)
-        dLm = tl.where(r == C - 1, dlm_C[None, :], 0.0)
-        # Gamma = Gs + diag(b) Lm
-        dGs += dGamma
-        db = tl.sum(dGamma * Lm, axis=1)
-        dLm += b[:, None] * dGamma
-        # Gs = Las (diag(b) Lm)
-        dLas = tl.dot(dGs, LmT * b[None, :], input_precision=PREC)
-        dY = tl.dot(LasT, dGs, input_precision=PREC)
-        db += tl.sum(dY * Lm, axis=1)
-        dLm += b[:, None] * dY
-        # bM = bMs + b Mu,  bMs = Las (b Mu)
-        dbMs += dbM
-        db += dbM * Mu
-        dMu += dbM * b
-        dLas += dbMs[:, None] * (b * Mu)[None, :]
-        through_las = tl.sum(Las * dbMs[:, None], axis=0)
-        db += Mu * through_las
-        dMu += b * through_las
-        Fm = dLm * Lm
-        dgM = tl.sum(Fm, axis=1) - tl.sum(Fm, axis=0) + dMu * Mu
-        tl.store(dgM_ptr + gate_t, dgM)
-    else:
-        # Gamma = (Las + I) diag(b), Gs = Las diag(b)
-        db = tl.sum(tl.where(r == c, dGamma, 0.0), axis=0)
-        dGs += tl.where(c < r, dGamma, 0.0)
-        dLas = dGs * b[None, :]
-        db += tl.sum(dGs * Las, axis=0)
-    if BETA:
-        tl.store(db_ptr + gate_t, db)
+    # This K tile's raw vector gradients; the chunk-end scalars' in the last entries.
+    is_end = tl.arange(0, C) == C - 1
+    plane = tl.cast(tl.num_programs(1), tl.int64) * N * C
+    share = vec_ptr + i_k * 7 * plane + chunk * C + tl.arange(0, C)
     if DECAY:
-        E = dLas * Las
-        dgA = tl.sum(E, axis=1) - tl.sum(E, axis=0) + dA * A
-        tl.store(dgA_ptr + gate_t, dgA)
+        tl.store(share, dA + tl.where(is_end, dA_C, 0.0))
+    if DECAY or BETA or MOMENTUM:
+        tl.store(share + plane, dgamma_C)
+    if MOMENTUM:
+        tl.store(share + 2 * plane, dbM + tl.where(is_end, dbM_C, 0.0))
+        tl.store(share + 3 * plane, dbMs)
+        tl.store(share + 4 * plane, dlm_C)
+        tl.store(share + 5 * plane, tl.where(is_end, dMu_C, 0.0))
+        tl.store(share + 6 * plane, de)

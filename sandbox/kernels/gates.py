@@ -3,16 +3,19 @@
 Forward: the rule's gates ``[B, T, H]`` (any float dtype) become float32 ``[B * H, N * C]``, padded to whole
 chunks with zeros (log-gates 0 and beta = eta = 0 leave the states unchanged), the log gates as chunk-local
 cumsums; for the momentum rules also the two gate vectors every kernel needs and that take O(C^2) work per
-chunk (``bMs`` and ``Gamma[C, :]``, see ``chunk.py``), once here rather than in every kernel and V tile. Backward: the chunk kernels' gate gradients (one share per K tile, ``[K tiles, B * H, N * C]``) are
-summed over the tiles; for the log gates they are gradients of the chunk-local cumsums, so a reverse cumsum
-inside each chunk (padded positions included: they carry the real tokens' sums) turns them into gradients
-of the gates; the result goes back to ``[B, T, H]`` in each gate's dtype.
+chunk (``bMs`` and ``Gamma[C, :]``, see ``chunk.py``), once here rather than in every kernel and V tile.
+
+Backward: the chunk kernels' gate gradients come in two linear shares (``chunk.py``): raw vector gradients,
+one share per K tile, which are summed and sent down the gate chain here, and a matrix share from
+``backward_matrices_kernel``. For the log gates the sum is a gradient of the chunk-local cumsums, so a
+reverse cumsum inside each chunk (padded positions included: they carry the real tokens' sums) turns it
+into gradients of the gates; the result goes back to ``[B, T, H]`` in each gate's dtype.
 """
 
 import triton
 import triton.language as tl
 
-from .chunk import _lower
+from .chunk import _gate_chain, _load_gates, _lower
 
 
 @triton.jit
@@ -64,20 +67,24 @@ def gates_forward_kernel(la_ptr, b_ptr, lm_ptr, e_ptr, gA_ptr, bo_ptr, gM_ptr, e
 
 
 @triton.jit
-def _gate_out(d_ptr, out_ptr, t, rows, chunk_offset, tile_stride, K_TILES, T, C: tl.constexpr, LOG: tl.constexpr):
-    d = tl.zeros([C], dtype=tl.float32)
-    for i_k in range(K_TILES):
-        d += tl.load(d_ptr + i_k * tile_stride + chunk_offset + tl.arange(0, C))
+def _gate_out(d, out_ptr, t, rows, T, LOG: tl.constexpr):
+    """One gate's gradient of one chunk out: reverse-cumsummed if LOG, to [B, T, H] in the gate's dtype."""
     if LOG:
         d = _chunk_cumsum(d, True)
     tl.store(out_ptr + rows, d.to(out_ptr.dtype.element_ty), mask=t < T)
 
 
 @triton.jit
-def gates_backward_kernel(dgA_ptr, db_ptr, dgM_ptr, de_ptr, dla_ptr, dbo_ptr, dlm_ptr, deo_ptr,
+def gates_backward_kernel(vec_ptr, mat_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dla_ptr, dbo_ptr, dlm_ptr, deo_ptr,
                           T, H, N, K_TILES, C: tl.constexpr,
-                          DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr):
-    """Per (chunk, batch-head): the K tiles' shares summed, log gates reverse-cumsummed, back to [B, T, H]."""
+                          DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, batch-head): the gate gradients of one chunk, from the two linear shares of ``chunk.py``.
+
+    The K tiles' raw vector gradients (``vec_ptr``, ``[K tiles, 7, B * H, N * C]``: d(A_t) (with decay),
+    d(Gamma[C, :]), then with momentum d(bM_t), d(bMs_t), d(Lm[C, :]), d(Mu_C), d(eta)) are summed and sent down the gate
+    chain (``_gate_chain``); the matrix share (``mat_ptr``, ``[4, B * H, N * C]``: dgA, db, dgM, d(eta)) from
+    ``backward_matrices_kernel`` is added; log gates are reverse-cumsummed.
+    """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -85,11 +92,35 @@ def gates_backward_kernel(dgA_ptr, db_ptr, dgM_ptr, de_ptr, dla_ptr, dbo_ptr, dl
     t = i_n * C + tl.arange(0, C)
     rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
     chunk_offset = (tl.cast(i_bh, tl.int64) * N + i_n) * C
-    tile_stride = tl.cast(tl.num_programs(1), tl.int64) * N * C
+    plane = tl.cast(tl.num_programs(1), tl.int64) * N * C
+    dA = tl.zeros([C], dtype=tl.float32)
+    dgamma_C = tl.zeros([C], dtype=tl.float32)
+    dbM = tl.zeros([C], dtype=tl.float32)
+    dbMs = tl.zeros([C], dtype=tl.float32)
+    dlm_C = tl.zeros([C], dtype=tl.float32)
+    dMu = tl.zeros([C], dtype=tl.float32)
+    de = tl.zeros([C], dtype=tl.float32)
+    for i_k in range(K_TILES):
+        share = vec_ptr + i_k * 7 * plane + chunk_offset + tl.arange(0, C)
+        if DECAY:
+            dA += tl.load(share)
+        dgamma_C += tl.load(share + plane)
+        if MOMENTUM:
+            dbM += tl.load(share + 2 * plane)
+            dbMs += tl.load(share + 3 * plane)
+            dlm_C += tl.load(share + 4 * plane)
+            dMu += tl.load(share + 5 * plane)
+            de += tl.load(share + 6 * plane)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk_offset, C, DECAY, BETA, MOMENTUM)
+    last_row = tl.arange(0, C)[:, None] == C - 1
+    dgA, db, dgM = _gate_chain(tl.where(last_row, dgamma_C[None, :], 0.0), tl.zeros([C, C], dtype=tl.float32),
+                               tl.where(last_row, dlm_C[None, :], 0.0), dA, dbM, dbMs, dMu, gA, b, gM,
+                               MOMENTUM, PREC)
+    mat = mat_ptr + chunk_offset + tl.arange(0, C)
     if DECAY:
-        _gate_out(dgA_ptr, dla_ptr, t, rows, chunk_offset, tile_stride, K_TILES, T, C, True)
+        _gate_out(dgA + tl.load(mat), dla_ptr, t, rows, T, True)
     if BETA:
-        _gate_out(db_ptr, dbo_ptr, t, rows, chunk_offset, tile_stride, K_TILES, T, C, False)
+        _gate_out(db + tl.load(mat + plane), dbo_ptr, t, rows, T, False)
     if MOMENTUM:
-        _gate_out(dgM_ptr, dlm_ptr, t, rows, chunk_offset, tile_stride, K_TILES, T, C, True)
-        _gate_out(de_ptr, deo_ptr, t, rows, chunk_offset, tile_stride, K_TILES, T, C, False)
+        _gate_out(dgM + tl.load(mat + 2 * plane), dlm_ptr, t, rows, T, True)
+        _gate_out(de + tl.load(mat + 3 * plane), deo_ptr, t, rows, T, False)
