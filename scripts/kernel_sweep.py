@@ -39,6 +39,8 @@ VARIANTS = {
     "scan_s2": {s: {"num_stages": 2} for s in SCANS},
     "scan_bv64_w8": {s: {"BV": 64, "num_warps": 8} for s in SCANS},
     "scan_bv32_w4": {s: {"BV": 32, "num_warps": 4} for s in SCANS},
+    "scan_w8": {s: {"num_warps": 8} for s in SCANS},
+    "scan_bv16_w4": {s: {"BV": 16, "num_warps": 4} for s in SCANS},
     "prep_w8": {"prepare": {"num_warps": 8}},
     "chunk_bv32": {"backward_chunk": {"BV": 32}},
     "chunk_w8": {"backward_chunk": {"num_warps": 8}},

@@ -220,12 +220,14 @@ class ChunkRuleFunction(torch.autograd.Function):
 
         # The C x C side once per chunk: dW becomes P = dW o Gamma in place, Qm = dAmat o Gs, and the matrix
         # share of the gate gradients.
+        # (Without gates, linear, backward_intra has written P already.)
         qm = torch.empty(B * H, N, C, C, **f32) if rule.delta else None
         has_gates = any(g is not None for g in (gA, b, gM))
         mat = torch.empty(4, B * H, N * C, **f32) if has_gates else None
-        backward_matrices_kernel[(N, B * H)](q, k, u, dr, gA, b, gM, e, dw, qm, mat, T, H, K, V, N, C=C,
-                                             DELTA=rule.delta, PREC=cfg["PREC"], **switches,
-                                             **cfg["backward_matrices"])
+        if has_gates or rule.delta:
+            backward_matrices_kernel[(N, B * H)](q, k, u, dr, gA, b, gM, e, dw, qm, mat, T, H, K, V, N, C=C,
+                                                 DELTA=rule.delta, PREC=cfg["PREC"], **switches,
+                                                 **cfg["backward_matrices"])
 
         # dq, dk, dv straight in the inputs' dtypes (dR stays float32: backward_chunk reads it).
         dq = torch.empty_like(q)

@@ -341,9 +341,10 @@ def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     """Per (chunk, batch-head): what the backward needs of ``W = Gamma o Q KK^T`` and no state.
 
     Writes the intra-chunk part of dU, ``W^T dO'``, into the dR buffer (``backward_scan`` adds the state terms)
-    and ``dW = dO' U^T`` (``u_ptr``: U, or V without DELTA), which ``backward_chunk`` would otherwise
-    recompute for every K tile. Loops over the V tiles, so W^T is built once per chunk. K Q^T is taken in
-    the inputs' own dtype (exact products, float32 sums) and eta is applied to its rows afterwards.
+    and ``dW = dO' U^T`` (``u_ptr``: U, or V without DELTA), which ``backward_matrices`` turns into
+    ``P = dW o Gamma`` (without gates this kernel does). Loops over the V tiles, so W^T is built once per
+    chunk. K Q^T is taken in the inputs' own dtype (exact products, float32 sums) and eta is applied to its
+    rows afterwards.
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -371,6 +372,9 @@ def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
         dW += scale * _dot(do, tl.trans(U), PREC)
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
+    if not (DECAY or BETA or MOMENTUM):
+        # No gates (linear): Gamma is the lower triangle, so P = dW o Gamma here and no backward_matrices.
+        dW = tl.where(c <= r, dW, 0.0)
     tl.store(dw_ptr + chunk * C * C + r * C + c, dW)
 
 

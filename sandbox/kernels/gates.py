@@ -81,9 +81,9 @@ def gates_backward_kernel(vec_ptr, mat_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dla_pt
     """Per (chunk, batch-head): the gate gradients of one chunk, from the two linear shares of ``chunk.py``.
 
     The K tiles' raw vector gradients (``vec_ptr``, ``[K tiles, 7, B * H, N * C]``: d(A_t) (with decay),
-    d(Gamma[C, :]), then with momentum d(bM_t), d(bMs_t), d(Lm[C, :]), d(Mu_C), d(eta)) are summed and sent down the gate
-    chain (``_gate_chain``); the matrix share (``mat_ptr``, ``[4, B * H, N * C]``: dgA, db, dgM, d(eta)) from
-    ``backward_matrices_kernel`` is added; log gates are reverse-cumsummed.
+    d(Gamma[C, :]), then with momentum d(bM_t), d(bMs_t), d(Lm[C, :]), d(Mu_C), d(eta)) are summed and
+    sent down the gate chain (``_gate_chain``); the matrix share from ``backward_matrices_kernel``
+    (``mat_ptr``, ``[4, B * H, N * C]``: dgA, db, dgM, d(eta)) is added; log gates are reverse-cumsummed.
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
