@@ -102,20 +102,19 @@ def _launch_config(q: Tensor, K: int, V: int, switches: dict) -> dict:
     forward_output = {"BK": BK, "BV": BV_out, **plain}
     if q.dtype == torch.bfloat16 and 64 <= BK <= 128:
         # bf16 operands (half the registers and shared memory of float32 ones) moved the best options; the
-        # fastest per rule and kernel of an H100 sweep at K = V = 128 (BENCHMARKS.md, kernel versions, v4).
+        # fastest per rule and kernel of H100 sweeps at K = V = 128 (BENCHMARKS.md, kernel versions, v4 and v7).
         wide = min(V_pow2, 64)
         forward_output.update(BV=min(V_pow2, 128))
         if not switches["DELTA"] and not switches["MOMENTUM"]:            # linear, decay
             backward_chunk.update(BV=wide, num_stages=2)
             forward_scan.update(BV=wide, num_warps=8)
-            if switches["DECAY"]:
-                backward_scan.update(BV=wide, num_warps=8)
-            else:
+            if not switches["DECAY"]:
                 backward_scan.update(num_stages=2)
         elif not switches["MOMENTUM"]:                                    # delta, gated_delta
             backward_chunk.update(num_stages=2)
         elif switches["DELTA"]:                                           # momentum_delta
             backward_chunk.update(BV=wide, num_stages=2)
+            forward_scan.update(BV=min(V_pow2, 16))
             backward_scan.update(num_stages=2)
         else:                                                             # decay_momentum
             backward_chunk.update(num_stages=2)
