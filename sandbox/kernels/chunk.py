@@ -1,6 +1,6 @@
 """Triton kernels of the chunkwise form (rules.md section 2), forward and backward, one family for all rules.
 
-Six kernels; ``tl.constexpr`` switches select the rule: ``DECAY`` (has log_alpha), ``BETA`` (has beta),
+Seven kernels; ``tl.constexpr`` switches select the rule: ``DECAY`` (has log_alpha), ``BETA`` (has beta),
 ``DELTA`` (probe key ``p = alpha * k``, else ``p = 0``), ``MOMENTUM`` (has log_mu and eta, carries M).
 Missing gates mean alpha = 1, beta = 1, no M, eta = 1.
 
@@ -23,15 +23,18 @@ This is rules.md's form with the probe folded in: ``a_t Gamma[t-1, j] = Gs[t, j]
 Kernels: ``prepare`` (per chunk: ``Tm`` by forward substitution), ``forward_scan`` (per batch-head and
 V tile: walks the chunks carrying S, M; writes U and the per-chunk start states), ``forward_output`` (per
 chunk and V tile, in parallel: O from the start states, U and the chunk's own ``Gamma o Q KK^T``),
-``backward_intra`` (per chunk and V tile, in parallel: the intra-chunk term ``W^T dO'`` of dU),
-``backward_scan`` (walks the chunks backwards carrying dS, dM; adds the state terms to dU, writes dV and the
-per-chunk end-state gradients) and ``backward_chunk`` (per chunk and K tile: dq, dk and the gate gradients).
-Only the hand-over of the states is sequential: nothing of O(C^2 K) or O(C^3) work per chunk runs in the
-scans. Between the kernels Tm, dR and dW are float32; U, the per-chunk start states and their gradients are
-bfloat16 for bfloat16 inputs with head sizes up to 128 (read back as bf16 tensor-core operands, gates applied
-after the product) and float32 otherwise. The backward never transposes a ``tl.dot`` result before feeding it to another
-``tl.dot`` (Triton 3.4-3.7.0 miscompiles that on Hopper): every transposed product is computed from loaded
-operands or from matrices built transposed.
+``backward_intra`` (per chunk: the intra-chunk term ``W^T dO'`` of dU, and dW), ``backward_scan`` (walks the
+chunks backwards carrying dS, dM; adds the state terms to dU, writes dR = dV and the per-chunk end-state
+gradients), ``backward_matrices`` (per chunk, all of K: the C x C products P = dW o Gamma and
+Qm = dAmat o Gs, and the gate gradients through the C x C matrices) and ``backward_chunk`` (per chunk and
+K tile: dq, dk and the gate gradients through the vectors, which ``gates.py`` chains). Only the hand-over of
+the states is sequential: nothing of O(C^2 K) or O(C^3) work per chunk runs in the scans, and the scans
+take Q and K as loaded, the gates scaling rows of the C x V side. Between the kernels Tm, dR, P and Qm are
+float32; U, the per-chunk start states and their gradients are bfloat16 for bfloat16 inputs with head sizes
+up to 128 (read back as bf16 tensor-core operands, gates applied after the product) and float32 otherwise.
+The backward never transposes a ``tl.dot`` result before feeding it to another ``tl.dot`` (Triton 3.4-3.7.0
+miscompiles that on Hopper): every transposed product is computed from loaded operands or from matrices
+built transposed or read transposed from memory.
 """
 
 import triton
