@@ -233,14 +233,17 @@ class ChunkRuleFunction(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = dr if v.dtype == torch.float32 else torch.empty_like(v)
         k_tiles = triton.cdiv(K, cfg["backward_chunk"]["BK"])
-        vec = torch.empty(k_tiles, 7, B * H, N * C, **f32)
-        backward_chunk_kernel[(N * k_tiles, B * H)](q, k, v, do, gA, b, gM, e, bms, gc, u, dr, dw, qm,
+        # The vector gradients of backward_chunk, a plane each: d(A_t), d(Gamma[C, :]), and with momentum
+        # d(bM_t), d(bMs_t), d(Lm[C, :]), d(Mu_C), d(eta).
+        vec_planes = 7 if rule.momentum else 2
+        vec = torch.empty(k_tiles, vec_planes, B * H, N * C, **f32)
+        backward_chunk_kernel[(N * k_tiles, B * H)](q, k, u, do, gA, b, gM, e, bms, gc, dr, dw, qm,
                                                     s_chunks, m_chunks, ds_chunks, dm_chunks, dq, dk, dv, vec,
                                                     scale, T, H, K, V, N, C=C, DELTA=rule.delta,
-                                                    STORE_DV=dv is not dr, PREC=cfg["PREC"],
+                                                    STORE_DV=dv is not dr, VEC_PLANES=vec_planes, PREC=cfg["PREC"],
                                                     **switches, **cfg["backward_chunk"])
         grads = _gate_grads(vec, mat, [gA, b, gM, e], [log_alpha, beta, log_mu, eta], C, k_tiles,
-                            {**switches, "PREC": cfg["PREC"]})
+                            {**switches, "VEC_PLANES": vec_planes, "PREC": cfg["PREC"]})
         dS_init_out = None if S_init is None else dS_init
         dM_init_out = None if M_init is None else dM_init
         return (None, None, None, dq, dk, dv, *grads, dS_init_out, dM_init_out)

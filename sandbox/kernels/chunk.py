@@ -84,6 +84,21 @@ def _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, offset, C: tl.constexpr,
 
 
 @triton.jit
+def _chunk_rows(i_n, i_bh, T, H, N, C: tl.constexpr):
+    """Chunk ``i_n`` of batch-head ``i_bh``: its index among all chunks (for per-chunk buffers), its positions
+    t, their rows in the ``[B, T, H, ...]`` layout (int64), and which rows are tokens (``t < T``, a column)."""
+    t = i_n * C + tl.arange(0, C)
+    rows = (tl.cast(i_bh // H, tl.int64) * T + t) * H + i_bh % H
+    return tl.cast(i_bh, tl.int64) * N + i_n, t, rows, t[:, None] < T
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, cols, width):
+    """The tile ``x[rows, cols]`` of a ``[B, T, H, width]`` tensor, as stored; zeros past T and past width."""
+    return tl.load(ptr + rows[:, None] * width + cols[None, :], mask=row_ok & (cols[None, :] < width), other=0.0)
+
+
+@triton.jit
 def _momentum_weights(bms_ptr, offset, b, gM):
     """Carry-in weights of M0: ``bMs = Las (b Mu)`` (for U; from the gate glue) and ``bM = bMs + b Mu`` (for
     O and S_C)."""
@@ -207,14 +222,9 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
     """Per (chunk, batch-head): ``Tm = (I + Amat)^-1`` (float32-accurate products)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    t = i_n * C + tl.arange(0, C)
-    d = tl.arange(0, BK)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    k = tl.load(k_ptr + rows[:, None] * K + d[None, :], mask=(t[:, None] < T) & (d[None, :] < K), other=0.0)
-    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, tl.cast(i_bh, tl.int64) * N * C + i_n * C, C,
-                               DECAY, BETA, MOMENTUM)
+    chunk, t, rows, row_ok = _chunk_rows(i_n, i_bh, T, H, N, C)
+    k = _load_rows(k_ptr, rows, row_ok, tl.arange(0, BK), K)
+    gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, "tf32x3")
     # K K^T in k's own dtype (exact products, float32 sums), eta on its columns after
     Amat = Gs * _dot(k, tl.trans(k), "tf32x3") * e[None, :]
@@ -222,7 +232,7 @@ def prepare_kernel(k_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, tm_ptr, T, H, K, N,
     Tm = _unit_lower_inverse(Amat)
     r = tl.arange(0, C)[:, None]
     c = tl.arange(0, C)[None, :]
-    tl.store(tm_ptr + (tl.cast(i_bh, tl.int64) * N + i_n) * C * C + r * C + c, Tm)
+    tl.store(tm_ptr + chunk * C * C + r * C + c, Tm)
 
 
 @triton.jit
@@ -239,8 +249,6 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_
     """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     state_mask = (dk[:, None] < K) & (dv[None, :] < V)
@@ -256,17 +264,14 @@ def forward_scan_kernel(k_ptr, v_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_
     c = tl.arange(0, C)[None, :]
 
     for i_n in range(N):
-        chunk = tl.cast(i_bh, tl.int64) * N + i_n
+        chunk, t, rows, row_ok = _chunk_rows(i_n, i_bh, T, H, N, C)
         tl.store(s_chunks_ptr + chunk * K * V + state_offset, S.to(s_chunks_ptr.dtype.element_ty), mask=state_mask)
         if MOMENTUM:
             tl.store(m_chunks_ptr + chunk * K * V + state_offset, M.to(m_chunks_ptr.dtype.element_ty),
                      mask=state_mask)
-        t = i_n * C + tl.arange(0, C)
-        rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-        row_ok = t[:, None] < T
         v_mask = row_ok & (dv[None, :] < V)
-        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=row_ok & (dk[None, :] < K), other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        k = _load_rows(k_ptr, rows, row_ok, dk, K)
+        v = _load_rows(v_ptr, rows, row_ok, dv, V).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
         gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
                                                     DECAY, BETA, MOMENTUM)
@@ -308,21 +313,14 @@ def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_v = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    chunk, t, rows, row_ok = _chunk_rows(i_n, i_bh, T, H, N, C)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
-    t = i_n * C + tl.arange(0, C)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    row_ok = t[:, None] < T
-    qk_mask = row_ok & (dk[None, :] < K)
-    v_mask = row_ok & (dv[None, :] < V)
     state_mask = (dk[:, None] < K) & (dv[None, :] < V)
     state_offset = chunk * K * V + dk[:, None] * V + dv[None, :]
-    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-    U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+    q = _load_rows(q_ptr, rows, row_ok, dk, K)
+    k = _load_rows(k_ptr, rows, row_ok, dk, K)
+    U = _load_rows(u_ptr, rows, row_ok, dv, V).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
     W = Gamma * e[None, :] * tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -333,7 +331,8 @@ def forward_output_kernel(q_ptr, k_ptr, u_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
         M0 = tl.load(m_chunks_ptr + state_offset, mask=state_mask, other=0.0)
         bMs, bM = _momentum_weights(bms_ptr, chunk * C, b, gM)
         o -= bM[:, None] * _dot(q, M0, PREC)
-    tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty), mask=v_mask)
+    tl.store(o_ptr + rows[:, None] * V + dv[None, :], (scale * o).to(o_ptr.dtype.element_ty),
+             mask=row_ok & (dv[None, :] < V))
 
 
 @triton.jit
@@ -351,16 +350,10 @@ def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    chunk, t, rows, row_ok = _chunk_rows(i_n, i_bh, T, H, N, C)
     dk = tl.arange(0, BK)
-    t = i_n * C + tl.arange(0, C)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    row_ok = t[:, None] < T
-    qk_mask = row_ok & (dk[None, :] < K)
-    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    q = _load_rows(q_ptr, rows, row_ok, dk, K)
+    k = _load_rows(k_ptr, rows, row_ok, dk, K)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     LasT, LmT, GsT, GammaT = _intra_chunk_transposed(gA, b, gM, MOMENTUM, PREC)
     WT = GammaT * e[:, None] * tl.dot(k, tl.trans(q), input_precision=PREC)
@@ -368,8 +361,8 @@ def backward_intra_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     for i_v in range(tl.cdiv(V, BV)):
         dv = i_v * BV + tl.arange(0, BV)
         v_mask = row_ok & (dv[None, :] < V)
-        do = tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-        U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        do = _load_rows(do_ptr, rows, row_ok, dv, V)
+        U = _load_rows(u_ptr, rows, row_ok, dv, V)
         tl.store(dr_ptr + rows[:, None] * V + dv[None, :], scale * tl.dot(WT, do.to(tl.float32), input_precision=PREC),
                  mask=v_mask)
         dW += scale * _dot(do, tl.trans(U), PREC)
@@ -396,8 +389,6 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
     """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     state_mask = (dk[:, None] < K) & (dv[None, :] < V)
@@ -413,28 +404,23 @@ def backward_scan_kernel(q_ptr, k_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms
     c = tl.arange(0, C)[None, :]
 
     for i_back in range(N):
-        i_n = N - 1 - i_back
-        chunk = tl.cast(i_bh, tl.int64) * N + i_n
+        chunk, t, rows, row_ok = _chunk_rows(N - 1 - i_back, i_bh, T, H, N, C)
         tl.store(ds_chunks_ptr + chunk * K * V + state_offset, dS.to(ds_chunks_ptr.dtype.element_ty),
                  mask=state_mask)
         if MOMENTUM:
             tl.store(dm_chunks_ptr + chunk * K * V + state_offset, dM.to(dm_chunks_ptr.dtype.element_ty),
                      mask=state_mask)
-        t = i_n * C + tl.arange(0, C)
-        rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-        row_ok = t[:, None] < T
-        qk_mask = row_ok & (dk[None, :] < K)
         v_mask = row_ok & (dv[None, :] < V)
-        q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-        k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-        do = scale * tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        q = _load_rows(q_ptr, rows, row_ok, dk, K)
+        k = _load_rows(k_ptr, rows, row_ok, dk, K)
+        do = scale * _load_rows(do_ptr, rows, row_ok, dv, V).to(tl.float32)
         gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
         gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
                                                     DECAY, BETA, MOMENTUM)
         A = tl.exp(gA)
 
         # As in forward_scan: the gates scale rows of the C x BV operands and products, Q and K stay as loaded.
-        dU = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        dU = _load_rows(dr_ptr, rows, row_ok, dv, V)
         dU += (e * gamma_C)[:, None] * _dot(k, dS, PREC)
         if MOMENTUM:
             dU -= (e * lm_C)[:, None] * _dot(k, dM, PREC)
@@ -526,16 +512,10 @@ def backward_matrices_kernel(q_ptr, k_ptr, u_ptr, dr_ptr, gA_ptr, b_ptr, gM_ptr,
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    chunk, t, rows, row_ok = _chunk_rows(i_n, i_bh, T, H, N, C)
     dk = tl.arange(0, BK)
-    t = i_n * C + tl.arange(0, C)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    row_ok = t[:, None] < T
-    qk_mask = row_ok & (dk[None, :] < K)
-    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0)
+    q = _load_rows(q_ptr, rows, row_ok, dk, K)
+    k = _load_rows(k_ptr, rows, row_ok, dk, K)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     Las, Lm, Gs, Gamma = _intra_chunk(gA, b, gM, MOMENTUM, PREC)
     r = tl.arange(0, C)[:, None]
@@ -548,14 +528,13 @@ def backward_matrices_kernel(q_ptr, k_ptr, u_ptr, dr_ptr, gA_ptr, b_ptr, gM_ptr,
     tl.store(dw_ptr + cc, P)
     dGamma = tl.where(c <= r, dW * QK * e[None, :], 0.0)
     dGs = tl.zeros([C, C], dtype=tl.float32)
-    de = tl.sum(P * QK, axis=0)                         # sum_k K o (P^T Q)
+    de = tl.sum(P * QK, axis=0)                         # sum_k K o (P^T Q), eta's share (momentum only)
     if DELTA:
         dAm = tl.zeros([C, C], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             dv = i_v * BV + tl.arange(0, BV)
-            v_mask = row_ok & (dv[None, :] < V)
-            dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-            U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+            dR = _load_rows(dr_ptr, rows, row_ok, dv, V)
+            U = _load_rows(u_ptr, rows, row_ok, dv, V)
             dAm -= _dot(dR, tl.trans(U), PREC)
         KK = _dot(k, tl.trans(k), PREC)                 # k_t . k_j
         Qm = dAm * Gs
@@ -579,23 +558,24 @@ def backward_matrices_kernel(q_ptr, k_ptr, u_ptr, dr_ptr, gA_ptr, b_ptr, gM_ptr,
 
 
 @triton.jit
-def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_ptr,
-                          u_ptr, dr_ptr, pm_ptr, qm_ptr,
+def backward_chunk_kernel(q_ptr, k_ptr, u_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, bms_ptr, gc_ptr,
+                          dr_ptr, pm_ptr, qm_ptr,
                           s_chunks_ptr, m_chunks_ptr, ds_chunks_ptr, dm_chunks_ptr,
                           dq_ptr, dk_ptr, dv_ptr, vec_ptr,
                           scale, T, H, K, V, N,
                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr, MOMENTUM: tl.constexpr,
-                          STORE_DV: tl.constexpr, PREC: tl.constexpr):
+                          STORE_DV: tl.constexpr, VEC_PLANES: tl.constexpr, PREC: tl.constexpr):
     """Per (K tile and chunk, batch-head): dq, dk, and this K tile's share of the gates' vector gradients.
 
-    With STORE_DV the first K tile also copies dV (the dR buffer, float32) out in v's dtype.
+    ``u_ptr`` is U, or V without DELTA. With STORE_DV the first K tile also copies dV (the dR buffer,
+    float32) out in v's dtype.
 
     Loops over V tiles accumulating the products that reduce over V: the state terms of dq and dk, and,
     multiplied by q or k and summed over this K tile, the gradients of the vectors A_t, bM_t, bMs_t,
     Gamma[C, :], Lm[C, :], eta (and of A_C, bM_C, Mu_C, kept in the last entries). The intra-chunk parts of
     dq and dk come from ``backward_matrices``' P and Qm. The vector gradients sum over K tiles and go down
-    the gate chain linearly, so each K tile writes its raw share (``vec_ptr``: ``[K tiles, 7, B * H, N * C]``)
+    the gate chain linearly, so each K tile writes its raw share (``vec_ptr``: ``[K tiles, VEC_PLANES, B * H, N * C]``)
     and ``gates_backward_kernel`` sums and chains them. The K tiles of one chunk are neighbours in the grid
     (``program_id(0) = chunk * K tiles + K tile``), so the second reads P and Qm from L2.
     """
@@ -603,16 +583,11 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     i_n = tl.program_id(0) // k_tiles
     i_k = tl.program_id(0) % k_tiles
     i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    chunk = tl.cast(i_bh, tl.int64) * N + i_n
+    chunk, t, rows, row_ok = _chunk_rows(i_n, i_bh, T, H, N, C)
     dk = i_k * BK + tl.arange(0, BK)
-    t = i_n * C + tl.arange(0, C)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    row_ok = t[:, None] < T
     qk_mask = row_ok & (dk[None, :] < K)
-    q = tl.load(q_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + rows[:, None] * K + dk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    q = _load_rows(q_ptr, rows, row_ok, dk, K).to(tl.float32)
+    k = _load_rows(k_ptr, rows, row_ok, dk, K).to(tl.float32)
     gA, b, gM, e = _load_gates(gA_ptr, b_ptr, gM_ptr, e_ptr, chunk * C, C, DECAY, BETA, MOMENTUM)
     gamma_C, lm_C, A_C, bM_C, Mu_C = _chunk_end(gA_ptr, b_ptr, gM_ptr, bms_ptr, gc_ptr, chunk * C, gA, b, gM,
                                                 DECAY, BETA, MOMENTUM)
@@ -645,11 +620,8 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
                 tl.store(dv_ptr + dv_rows, tl.load(dr_ptr + dv_rows, mask=v_mask).to(dv_ptr.dtype.element_ty),
                          mask=v_mask)
         # do, U, the states and their gradients as stored: bf16 products for bf16 inputs, scale applied after
-        do = tl.load(do_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-        if DELTA:
-            U = tl.load(u_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
-        else:
-            U = tl.load(v_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+        do = _load_rows(do_ptr, rows, row_ok, dv, V)
+        U = _load_rows(u_ptr, rows, row_ok, dv, V)
         S0 = tl.load(s_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
         dSC = tl.load(ds_chunks_ptr + state_rows + dv[None, :], mask=state_mask, other=0.0)
 
@@ -678,7 +650,7 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
             de -= lm_C * r2
             acc_k -= (e * lm_C)[:, None] * UdM
         if DELTA:
-            dR = tl.load(dr_ptr + rows[:, None] * V + dv[None, :], mask=v_mask, other=0.0)
+            dR = _load_rows(dr_ptr, rows, row_ok, dv, V)
             dRS = _dot(dR, tl.trans(S0), PREC)
             dA -= tl.sum(k * dRS, axis=1)
             acc_k -= A[:, None] * dRS
@@ -709,7 +681,7 @@ def backward_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gA_ptr, b_ptr, gM_ptr, e_
     # This K tile's raw vector gradients; the chunk-end scalars' in the last entries.
     is_end = tl.arange(0, C) == C - 1
     plane = tl.cast(tl.num_programs(1), tl.int64) * N * C
-    share = vec_ptr + i_k * 7 * plane + chunk * C + tl.arange(0, C)
+    share = vec_ptr + i_k * VEC_PLANES * plane + chunk * C + tl.arange(0, C)
     if DECAY:
         tl.store(share, dA + tl.where(is_end, dA_C, 0.0))
     if DECAY or BETA or MOMENTUM:

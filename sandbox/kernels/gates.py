@@ -15,7 +15,7 @@ into gradients of the gates; the result goes back to ``[B, T, H]`` in each gate'
 import triton
 import triton.language as tl
 
-from .chunk import _gate_chain, _load_gates, _lower
+from .chunk import _chunk_rows, _gate_chain, _load_gates, _lower
 
 
 @triton.jit
@@ -43,13 +43,8 @@ def gates_forward_kernel(la_ptr, b_ptr, lm_ptr, e_ptr, gA_ptr, bo_ptr, gM_ptr, e
                          C: tl.constexpr, DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr):
     """Per (chunk, batch-head): the present gates of one chunk, padded, log gates cumsummed; with momentum
     also ``bMs_t = sum_{i<t} (A_t / A_i) b_i Mu_i`` and ``Gamma[C, j] = sum_i (A_C / A_i) b_i Lm[i, j]``."""
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    t = i_n * C + tl.arange(0, C)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    chunk_offset = (tl.cast(i_bh, tl.int64) * N + i_n) * C
+    chunk, t, rows, _ = _chunk_rows(tl.program_id(0), tl.program_id(1), T, H, N, C)
+    chunk_offset = chunk * C
     gA = tl.zeros([C], dtype=tl.float32)
     b = tl.full([C], 1.0, dtype=tl.float32)
     if DECAY:
@@ -76,22 +71,17 @@ def _gate_out(d, out_ptr, t, rows, T, LOG: tl.constexpr):
 
 @triton.jit
 def gates_backward_kernel(vec_ptr, mat_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dla_ptr, dbo_ptr, dlm_ptr, deo_ptr,
-                          T, H, N, K_TILES, C: tl.constexpr,
+                          T, H, N, K_TILES, C: tl.constexpr, VEC_PLANES: tl.constexpr,
                           DECAY: tl.constexpr, BETA: tl.constexpr, MOMENTUM: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, batch-head): the gate gradients of one chunk, from the two linear shares of ``chunk.py``.
 
-    The K tiles' raw vector gradients (``vec_ptr``, ``[K tiles, 7, B * H, N * C]``: d(A_t) (with decay),
+    The K tiles' raw vector gradients (``vec_ptr``, ``[K tiles, VEC_PLANES, B * H, N * C]``: d(A_t) (with decay),
     d(Gamma[C, :]), then with momentum d(bM_t), d(bMs_t), d(Lm[C, :]), d(Mu_C), d(eta)) are summed and
     sent down the gate chain (``_gate_chain``); the matrix share from ``backward_matrices_kernel``
     (``mat_ptr``, ``[4, B * H, N * C]``: dgA, db, dgM, d(eta)) is added; log gates are reverse-cumsummed.
     """
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    t = i_n * C + tl.arange(0, C)
-    rows = (tl.cast(i_b, tl.int64) * T + t) * H + i_h
-    chunk_offset = (tl.cast(i_bh, tl.int64) * N + i_n) * C
+    chunk, t, rows, _ = _chunk_rows(tl.program_id(0), tl.program_id(1), T, H, N, C)
+    chunk_offset = chunk * C
     plane = tl.cast(tl.num_programs(1), tl.int64) * N * C
     dA = tl.zeros([C], dtype=tl.float32)
     dgamma_C = tl.zeros([C], dtype=tl.float32)
@@ -101,7 +91,7 @@ def gates_backward_kernel(vec_ptr, mat_ptr, gA_ptr, b_ptr, gM_ptr, e_ptr, dla_pt
     dMu = tl.zeros([C], dtype=tl.float32)
     de = tl.zeros([C], dtype=tl.float32)
     for i_k in range(K_TILES):
-        share = vec_ptr + i_k * 7 * plane + chunk_offset + tl.arange(0, C)
+        share = vec_ptr + i_k * VEC_PLANES * plane + chunk_offset + tl.arange(0, C)
         if DECAY:
             dA += tl.load(share)
         dgamma_C += tl.load(share + plane)
